@@ -1,0 +1,139 @@
+"""Command-line configuration shared by main.py and the compression tools.
+
+    python main.py cifar10 -a mobilenet -C -g 0 1 -b 256
+    python main.py -h
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models import DATASET_FAMILY, list_models
+
+DATASETS = tuple(DATASET_FAMILY)
+VERSIONS = ("v2", "v2q", "v2qq", "v2qq-epsv1", "v2qq-epsv2", "v2qq-epsv3", "v2f", "v2nb",
+            "v2.5", "v3")
+
+# Flags whose feature has not landed yet: refused with one line rather than silently ignored.
+# Each entry: dest -> (value meaning "off", what it needs).
+NOT_YET: dict[str, tuple[object, str]] = {
+    "retrain": (False, "retraining (-T)"),
+    "new": (False, "the new method (-N)"),
+    "nuc_loss": (False, "the nuclear-norm loss (--nl)"),
+    "pcc_loss": (False, "the correlation loss (--pl)"),
+    "quant": (False, "quantized training (-Q)"),
+    "version": (None, "MESS versions during training (-v)"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag(*names, **kw):
+    return names, kw
+
+
+# Every flag once, with the original's spellings, defaults and help; tools pick what they need.
+FLAGS = {
+    "dataset": _flag("dataset", metavar="DATA",
+                     help=f"dataset: {' | '.join(DATASETS)} (default: cifar10)"),
+    "arch": _flag("-a", "--arch", metavar="ARCH", default="mobilenet",
+                  help=f"model architecture: {' | '.join(list_models())} (default: mobilenet)"),
+    "workers": _flag("-j", "--workers", type=int, default=8, metavar="N",
+                     help="number of data loading workers (default: 8)"),
+    "epochs": _flag("--epochs", type=int, default=200, metavar="N",
+                    help="number of total epochs to run (default: 200)"),
+    "batch_size": _flag("-b", "--batch-size", dest="batch_size", type=int, default=128, metavar="N",
+                        help="mini-batch size (default: 128), this is the total batch size of all "
+                             "GPUs on the current node when using Data Parallel"),
+    "lr": _flag("--lr", "--learning-rate", dest="lr", type=float, default=0.1, metavar="LR",
+                help="initial learning rate (defualt: 0.1)"),
+    "momentum": _flag("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: 0.9)"),
+    "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4,
+                          metavar="W", help="weight decay (default: 5e-4)"),
+    "layers": _flag("--layers", type=int, default=16, metavar="N",
+                    help="number of layers in VGG/ResNet/WideResNet (default: 16)"),
+    "bn": _flag("--bn", "--batch-norm", dest="bn", action="store_true", help="Use batch norm in VGG?"),
+    "width_mult": _flag("--width-mult", dest="width_mult", type=float, default=1.0, metavar="WM",
+                        help="width multiplier to thin a network uniformly at each layer (default: 1.0)"),
+    "groups": _flag("--groups", type=int, default=1, metavar="N",
+                    help="number of groups for ShuffleNet (kept for compatibility; only 1) (default: 1)"),
+    "print_freq": _flag("-p", "--print-freq", dest="print_freq", type=int, default=100, metavar="N",
+                        help="print frequency (default: 100)"),
+    "ckpt": _flag("--ckpt", default="", metavar="PATH",
+                  help="Path of checkpoint for resuming/testing or retraining model (Default: none)"),
+    "resume": _flag("-R", "--resume", action="store_true", help="Resume model?"),
+    "evaluate": _flag("-E", "--evaluate", action="store_true", help="Test model?"),
+    "cuda": _flag("-C", "--cuda", action="store_true", help="Use cuda?"),
+    "retrain": _flag("-T", "--retrain", action="store_true", help="Retraining?"),
+    "gpuids": _flag("-g", "--gpuids", type=int, nargs="+", default=[0], metavar="GPUIDS",
+                    help="GPU IDs for using (Default: 0)"),
+    "datapath": _flag("--datapath", default="../data", metavar="PATH",
+                      help="where you want to load/save your dataset? (default: ../data)"),
+    "version": _flag("-v", "--version", default=None, metavar="V",
+                     help=f"version: {' | '.join(VERSIONS)} (find kernel version (default: none))"),
+    "bind_size": _flag("-d", "--bind-size", dest="bind_size", type=int, default=2, metavar="N",
+                       help="the number of binding channels in convolution (subvector size) "
+                            "on version 2.5 (v2.5) (default: 2)"),
+    "pw_bind_size": _flag("-pwd", "--pw-bind-size", dest="pw_bind_size", type=int, default=8, metavar="N",
+                          help="the number of binding channels in pointwise convolution "
+                               "(subvector size) (default: 8)"),
+    "new": _flag("-N", "--new", action="store_true", help="new method?"),
+    "save_epoch": _flag("-s", "--save-epoch", dest="save_epoch", type=int, default=1, metavar="N",
+                        help="number of epochs to save checkpoint and to apply new method (default: 1)"),
+    "nuc_loss": _flag("--nl", "--nuc-loss", dest="nuc_loss", action="store_true", help="nuclear norm loss?"),
+    "nl_scale": _flag("--nls", "--nl-scale", dest="nl_scale", type=float, default=1.0, metavar="NLS",
+                      help="scale factor of nuc_loss (default: 1.0)"),
+    "pcc_loss": _flag("--pl", "--pcc-loss", dest="pcc_loss", action="store_true",
+                      help="pearson correlation coefficient loss?"),
+    "pl_scale": _flag("--pls", "--pl-scale", dest="pl_scale", type=float, default=1.0, metavar="PLS",
+                      help="scale factor of pcc_loss (default: 1.0)"),
+    "quant": _flag("-Q", "--quant", action="store_true", help="use quantization?"),
+    "np": _flag("--np", action="store_true", help="no v2-like method in pointwise convolutional layer?"),
+    "qb": _flag("--qb", "--quant-bit", dest="qb", type=int, default=8, metavar="N",
+                help="number of bits for quantization (Default: 8)"),
+    "qba": _flag("--qba", "--quant_bit_a", dest="qba", type=int, default=8, metavar="N",
+                 help="number of bits for quantizing alphas (Default: 8)"),
+    "qbb": _flag("--qbb", "--quant_bit_b", dest="qbb", type=int, default=8, metavar="N",
+                 help="number of bits for quantizing betas (Default: 8)"),
+    # ---- new in this suite
+    "seed": _flag("--seed", type=int, default=0, metavar="N",
+                  help="random seed; a fixed seed makes a CPU run repeatable (default: 0)"),
+    "sched": _flag("--sched", default="step", metavar="S",
+                   help="learning-rate schedule: step (x0.1 at 50%% and 75%% of --epochs, the "
+                        "original's) | cosine (default: step)"),
+}
+
+MODEL_FLAGS = ("dataset", "arch", "layers", "bn", "width_mult", "datapath", "ckpt", "cuda", "gpuids")
+MESS_FLAGS = ("version", "bind_size", "pw_bind_size", "quant", "np", "qb", "qba", "qbb")
+
+
+def add_flags(parser: argparse.ArgumentParser, names) -> argparse.ArgumentParser:
+    for name in names:
+        flags, kw = FLAGS[name]
+        parser.add_argument(*flags, **kw)
+    return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="main.py", description="Train, resume, test or retrain a network.")
+    # the original's order, so that the usage text reads the same
+    return add_flags(parser, (
+        "dataset", "arch", "workers", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+        "layers", "bn", "width_mult", "groups", "print_freq", "ckpt", "resume", "evaluate", "cuda",
+        "retrain", "gpuids", "datapath", "version", "bind_size", "pw_bind_size", "new", "save_epoch",
+        "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb",
+        "seed", "sched"))
+
+
+def check_not_yet(args) -> None:
+    """Refuse a flag whose feature has not landed, with one line (see NOT_YET)."""
+    from utils import UserError
+    for dest, (off, what) in NOT_YET.items():
+        if hasattr(args, dest) and getattr(args, dest) != off:
+            raise UserError(f"{what} is not available yet in this version of MESS")
