@@ -106,12 +106,13 @@ def check_arch(ckpt: dict, spec: dict, path) -> None:
         return
     keys = ("arch", "layers", "width_mult", "bn", "num_classes")
     from models import model_name
+
+    def name(d):
+        arch = model_name(d["arch"], d["layers"], d["width_mult"], d["bn"])
+        return f"{arch} with {d['num_classes']} classes"
+
     if any(theirs.get(k) != spec.get(k) for k in keys if k in theirs):
-        raise UserError(
-            f"{path} holds a {model_name(theirs['arch'], theirs['layers'], theirs['width_mult'], theirs['bn'])} "
-            f"with {theirs.get('num_classes')} classes, but this run builds a "
-            f"{model_name(spec['arch'], spec['layers'], spec['width_mult'], spec['bn'])} "
-            f"with {spec['num_classes']} classes")
+        raise UserError(f"{path} holds a {name(theirs)}, but this run builds a {name(spec)}")
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict, path) -> None:
@@ -209,19 +210,6 @@ def _py_state_from_tensor(d):
 
 
 # ---------------------------------------------------------------- metrics
-class AverageMeter:
-    def __init__(self):
-        self.sum, self.count = 0.0, 0
-
-    def update(self, val: float, n: int = 1):
-        self.sum += val * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
-
-
 def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
     """Number of correct predictions among the top-k, for each k."""
     maxk = min(max(topk), output.size(1))

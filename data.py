@@ -1,0 +1,163 @@
+"""Data loading: CIFAR-10/100, ImageNet, TinyImageNet-200, and scikit-learn's digits for offline runs.
+
+    from data import get_loaders
+    train_loader, val_loader = get_loaders("digits", "../data", batch_size=128, workers=0)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from utils import UserError
+
+# per-channel mean / std of the training sets
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TINYIMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0  # the split never changes, so every run and checkpoint sees the same test set
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one (N, 3, H, W) tensor, with optional random shift."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0):
+        self.images, self.labels, self.shift = images, labels, shift
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if self.shift:  # pad-and-crop translation; no flips, digits are not mirror-symmetric
+            p = self.shift
+            dx, dy = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = F.pad(x, (p, p, p, p))[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
+        return x, self.labels[i]
+
+
+def digits_datasets(size: int = 32):
+    """scikit-learn's 8x8 handwritten digits (1797 real images), upsampled to 3x32x32."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.from_numpy(np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(y)))
+    n_test = int(round(len(y) * DIGITS_TEST_FRACTION))
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    return (TensorImages(x[train_idx], y[train_idx], shift=2),
+            TensorImages(x[test_idx], y[test_idx]))
+
+
+def cifar_datasets(name: str, root: Path):
+    import torchvision
+    import torchvision.transforms as T
+    cls, stats, folder, archive = {
+        "cifar10": (torchvision.datasets.CIFAR10, CIFAR10_STATS, "cifar-10-batches-py",
+                    "cifar-10-python.tar.gz"),
+        "cifar100": (torchvision.datasets.CIFAR100, CIFAR100_STATS, "cifar-100-python",
+                     "cifar-100-python.tar.gz"),
+    }[name]
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(*stats)])
+    val_tf = T.Compose([T.ToTensor(), T.Normalize(*stats)])
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        train = cls(str(root), train=True, transform=train_tf, download=True)
+        val = cls(str(root), train=False, transform=val_tf, download=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError too
+        raise UserError(f"{name} is not in {root / folder} and could not be downloaded ({e}); "
+                        f"put {archive} from https://www.cs.toronto.edu/~kriz/ in {root}") from None
+    return train, val
+
+
+def imagenet_datasets(root: Path):
+    import torchvision
+    import torchvision.transforms as T
+    base = root / "imagenet"
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise UserError(f"ImageNet data directory not found: {base / split} "
+                            f"(run `python down_imagenet.py --datapath {root}`)")
+    norm = T.Normalize(*IMAGENET_STATS)
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+    return (torchvision.datasets.ImageFolder(str(base / "train"), train_tf),
+            torchvision.datasets.ImageFolder(str(base / "val"), val_tf))
+
+
+class TinyImageNetVal(Dataset):
+    """TinyImageNet's val/images/*.JPEG, labelled by val/val_annotations.txt (file, wnid, box)."""
+
+    def __init__(self, folder: Path, class_to_idx: dict, transform):
+        from torchvision.datasets.folder import default_loader
+        self.loader, self.transform, self.samples = default_loader, transform, []
+        for line in (folder / "val_annotations.txt").read_text().splitlines():
+            if not line.strip():
+                continue
+            name, wnid = line.split("\t")[:2]
+            if wnid not in class_to_idx:
+                raise UserError(f"{folder / 'val_annotations.txt'} labels {name} as {wnid}, "
+                                f"a class with no train/ folder")
+            self.samples.append((folder / "images" / name, class_to_idx[wnid]))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(self.loader(path)), label
+
+
+def tinyimagenet_datasets(root: Path):
+    """TinyImageNet-200 as released: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    import torchvision
+    import torchvision.transforms as T
+    base = root / "tiny-imagenet-200"
+    if not (base / "train").is_dir() or not (base / "val" / "val_annotations.txt").is_file():
+        raise UserError(f"TinyImageNet not found in {base}; unzip tiny-imagenet-200.zip "
+                        f"(http://cs231n.stanford.edu/tiny-imagenet-200.zip) in {root}")
+    norm = T.Normalize(*TINYIMAGENET_STATS)
+    train_tf = T.Compose([T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.ToTensor(), norm])
+    # ImageFolder finds train/<wnid>/images/*.JPEG (it walks each class folder) and loads
+    # images as RGB: some TinyImageNet images are grayscale
+    train = torchvision.datasets.ImageFolder(str(base / "train"), train_tf)
+    return train, TinyImageNetVal(base / "val", train.class_to_idx, val_tf)
+
+
+def get_datasets(dataset: str, datapath) -> tuple[Dataset, Dataset]:
+    root = Path(datapath)
+    if dataset == "digits":
+        return digits_datasets()
+    if dataset in ("cifar10", "cifar100"):
+        return cifar_datasets(dataset, root)
+    if dataset == "imagenet":
+        return imagenet_datasets(root)
+    if dataset == "tinyimagenet":
+        return tinyimagenet_datasets(root)
+    raise UserError(f"unknown dataset {dataset!r}")
+
+
+def get_loaders(dataset: str, datapath, batch_size: int, workers: int, pin_memory: bool = False,
+                train_sampler=None):
+    """Train and validation loaders. The train loader's shuffling comes from the generator
+    returned with it, re-seeded each epoch by the caller, so a resumed run sees the same order."""
+    train_set, val_set = get_datasets(dataset, datapath)
+    if dataset == "digits":
+        workers = 0  # in-memory tensors: worker processes cost more than they save
+    generator = torch.Generator()
+    common = dict(num_workers=workers, pin_memory=pin_memory)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
+                              sampler=train_sampler, generator=generator, drop_last=False, **common)
+    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
+    return train_loader, val_loader, generator

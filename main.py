@@ -1,0 +1,239 @@
+"""Train, resume, test (and later retrain) a network on CPU, one GPU or several.
+
+    python main.py cifar10 -a mobilenet -C -g 0 1 -b 256                   # train
+    python main.py cifar10 -a mobilenet -C -g 0 1 -b 256 -R --ckpt ckpt_epoch_50.pth
+    python main.py cifar10 -a mobilenet -E --ckpt ckpt_best.pth            # test
+    python main.py digits -a resnet --layers 20 --epochs 8 --sched cosine  # offline quickstart
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from tqdm import tqdm
+
+import models
+from config import check_not_yet, get_args_parser
+from data import get_loaders
+from utils import (
+    CKPT_ROOT,
+    UserError,
+    accuracy,
+    arch_spec,
+    check_arch,
+    load_checkpoint,
+    load_state_dict_checked,
+    resolve_ckpt,
+    rng_state,
+    run_cli,
+    save_checkpoint,
+    select_device,
+    set_rng_state,
+    set_seed,
+    unwrap_model,
+    wrap_model,
+)
+
+console = Console(highlight=False)
+
+
+class NullTracker:
+    """Where per-epoch metrics and files go besides the CSVs (experiment records hook)."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def artifact(self, path) -> None:
+        pass
+
+
+def validate_args(args) -> None:
+    check_not_yet(args)
+    if args.resume and args.evaluate:
+        raise UserError("-R/--resume and -E/--evaluate exclude each other")
+    if (args.resume or args.evaluate) and not args.ckpt:
+        raise UserError("-R/--resume and -E/--evaluate need --ckpt PATH")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    if args.sched not in ("step", "cosine"):
+        raise UserError(f"unknown --sched {args.sched!r}; choose step or cosine")
+    if args.groups != 1:
+        raise UserError("--groups other than 1 applies to ShuffleNet, which this suite does not build")
+
+
+def build(args):
+    try:
+        model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
+    except models.ModelError as e:
+        raise UserError(str(e)) from None
+    spec = arch_spec(args, model_num_classes(model))
+    ckpt_dir = CKPT_ROOT / models.model_name(args.arch, args.layers, args.width_mult, args.bn) / args.dataset
+    return model, spec, ckpt_dir
+
+
+def model_num_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return last.out_features
+
+
+def lr_at(args, epoch: int) -> float:
+    """Learning rate for 1-based ``epoch``; a pure function of it, so resume needs no state."""
+    if args.sched == "cosine":
+        return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+    # the original's step schedule: x0.1 at half and at three quarters of the run
+    return args.lr * 0.1 ** sum(epoch > m for m in (args.epochs // 2, args.epochs * 3 // 4))
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, epoch, args, extra_loss=None):
+    model.train()
+    # running sums stay on the device; syncing only every print_freq batches keeps the loop fast
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
+               disable=None, mininterval=0.5)
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss = criterion(out, y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * x.size(0)
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += x.size(0)
+        if (i + 1) % args.print_freq == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}")
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_top1": 100.0 * correct.item() / max(seen, 1)}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, criterion, device) -> dict:
+    model.eval()
+    loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss_sum += criterion(out, y).item() * x.size(0)
+        c1, c5 = accuracy(out, y, topk=(1, 5))
+        correct1, correct5, n = correct1 + c1, correct5 + c5, n + x.size(0)
+    return {"val_loss": loss_sum / max(n, 1), "val_top1": 100.0 * correct1 / max(n, 1),
+            "val_top5": 100.0 * correct5 / max(n, 1)}
+
+
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def plain_args(args) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+
+
+def run_header(args, model, device, ckpt_dir):
+    from rich.table import Table
+    n_params = sum(p.numel() for p in model.parameters())
+    t = Table(show_header=False, box=None, pad_edge=False)
+    for k, v in (("model", models.model_name(args.arch, args.layers, args.width_mult, args.bn)),
+                 ("data", args.dataset), ("params", f"{n_params:,}"),
+                 ("device", str(device) + (f" x{len(args.gpuids)} (DataParallel)"
+                                           if device.type == "cuda" and len(args.gpuids) > 1 else "")),
+                 ("checkpoints", str(ckpt_dir))):
+        t.add_row(f"[bold]{k}[/bold]", v)
+    console.print(t)
+
+
+def main(args, tracker=None):
+    tracker = tracker or NullTracker()
+    validate_args(args)
+    device = select_device(args.cuda, args.gpuids)
+    set_seed(args.seed)  # before the model is built: its initial weights come from this seed
+    model, spec, ckpt_dir = build(args)
+    criterion = nn.CrossEntropyLoss()
+
+    ckpt = None
+    if args.ckpt and (args.resume or args.evaluate):
+        path = resolve_ckpt(args.ckpt, ckpt_dir)
+        ckpt = load_checkpoint(path)
+        check_arch(ckpt, spec, path)
+        load_state_dict_checked(model, ckpt["model"], path)
+
+    train_loader, val_loader, generator = get_loaders(
+        args.dataset, args.datapath, args.batch_size, args.workers, pin_memory=device.type == "cuda")
+    net = wrap_model(model, device, args.gpuids)
+
+    if args.evaluate:
+        t0 = time.time()
+        metrics = evaluate(net, val_loader, criterion, device)
+        line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
+                f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
+        if "mess" in ckpt:
+            from find_similar_kernel import summarize
+            line += "\n" + summarize(ckpt)
+        console.print(line)
+        append_csv(ckpt_dir / "eval.csv", {"ckpt": str(args.ckpt), **metrics,
+                                           "seconds": round(time.time() - t0, 2)})
+        return {"metrics": metrics, "ckpt_dir": ckpt_dir}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    start_epoch, best_acc1 = 1, 0.0
+    if args.resume:
+        if "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise UserError(f"{args.ckpt} has no optimizer state or epoch; it can be evaluated "
+                            f"(-E) or retrained, not resumed")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_acc1 = int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc1", 0.0))
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
+
+    run_header(args, model, device, ckpt_dir)
+    result = {"best_acc1": best_acc1, "ckpt_dir": ckpt_dir, "history": []}
+    for epoch in range(start_epoch, args.epochs + 1):
+        t0 = time.time()
+        lr = lr_at(args, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        generator.manual_seed(args.seed * 100_003 + epoch)  # shuffling depends on (seed, epoch) only
+        row = {"epoch": epoch, "lr": lr}
+        row.update(train_one_epoch(net, train_loader, criterion, optimizer, device, epoch, args))
+        row.update(evaluate(net, val_loader, criterion, device))
+        row["seconds"] = round(time.time() - t0, 2)
+        is_best = row["val_top1"] > best_acc1
+        best_acc1 = max(best_acc1, row["val_top1"])
+        state = {"model": unwrap_model(net).state_dict(), "arch": spec, "epoch": epoch,
+                 "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                 "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
+                               "last_epoch": epoch},
+                 "args": plain_args(args), "rng": rng_state()}
+        save_checkpoint(state, ckpt_dir / f"ckpt_epoch_{epoch}.pth")
+        if is_best:
+            save_checkpoint(state, ckpt_dir / "ckpt_best.pth")
+        append_csv(ckpt_dir / "summary.csv", row)
+        tracker.log(row, epoch)
+        result["history"].append(row)
+        console.print(f"epoch {epoch}/{args.epochs} lr {lr:.3g} | train {row['train_loss']:.4f} "
+                      f"{row['train_top1']:.2f}% | val {row['val_loss']:.4f} {row['val_top1']:.2f}% "
+                      f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s"
+                      + (" *" if is_best else ""))
+    tracker.artifact(ckpt_dir / "summary.csv")
+    result["best_acc1"] = best_acc1
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

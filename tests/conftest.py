@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run inside an empty folder: checkpoints land in ./checkpoint there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_main(argv, tracker=None):
+    """main.py in-process, as the shell would call it."""
+    import main
+    return main.main(main.get_args_parser().parse_args(argv), tracker)
+
+
+def run_cli(script, *argv, cwd=None, timeout=300):
+    """A CLI in a subprocess: (exit code, stdout, stderr)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_user_error(rc, err, *needles):
+    """Exit code 2 and one clear line on stderr naming the problem."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert "Traceback" not in err

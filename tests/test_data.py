@@ -1,0 +1,59 @@
+"""data.py: digits split, CIFAR in its real on-disk format, offline messages."""
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import data
+from utils import UserError
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    tr1, te1 = data.digits_datasets()
+    tr2, te2 = data.digits_datasets()
+    assert (len(tr1), len(te1)) == (1438, 359)
+    assert torch.equal(te1.images, te2.images) and torch.equal(te1.labels, te2.labels)
+    assert tr1.images.shape[1:] == (3, 32, 32)
+    train_rows = {tuple(r.tolist()) for r in tr1.images[:, 0, ::4, ::4].reshape(len(tr1), -1)}
+    test_rows = {tuple(r.tolist()) for r in te1.images[:, 0, ::4, ::4].reshape(len(te1), -1)}
+    assert len(train_rows & test_rows) <= 3  # only byte-identical scans can coincide
+    assert set(te1.labels.tolist()) == set(range(10))
+
+
+def write_cifar10(root, n=20):
+    """CIFAR-10's python pickle layout: five data batches, a test batch and the meta file."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.randint(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def test_cifar10_loads_from_its_on_disk_format(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    # our files are not the real ones, so their MD5s cannot match torchvision's table
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    train_loader, val_loader, _ = data.get_loaders("cifar10", tmp_path, batch_size=8, workers=0)
+    x, y = next(iter(train_loader))
+    assert x.shape == (8, 3, 32, 32) and y.dtype == torch.int64
+    assert len(train_loader.dataset) == 100 and len(val_loader.dataset) == 20
+
+
+def test_cifar_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", no_network)
+    with pytest.raises(UserError) as e:
+        data.get_datasets("cifar100", tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "cifar-100-python.tar.gz" in msg and str(tmp_path) in msg

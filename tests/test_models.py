@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+import models
+
+CASES = []
+for arch in models.list_models():
+    for dataset in ("cifar10", "cifar100", "imagenet"):
+        depths = models.supported_depths(arch, dataset) or (16,)
+        for layers in depths:
+            for bn in ((False, True) if arch == "vgg" else (False,)):
+                CASES.append((arch, dataset, layers, bn))
+
+
+@pytest.mark.parametrize("arch,dataset,layers,bn", CASES)
+def test_every_model_builds_and_classifies(arch, dataset, layers, bn):
+    torch.manual_seed(0)
+    n_classes = models.DATASET_FAMILY[dataset][1]
+    model = models.build_model(arch, dataset, layers=layers, bn=bn).eval()
+    # ImageNet nets pool adaptively, so a 64x64 input checks them at a fraction of the cost
+    size = 32 if models.dataset_family(dataset) == "cifar" else 64
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, n_classes)
+    assert torch.isfinite(out).all()
+
+
+def test_digits_uses_the_cifar_variants():
+    out = models.build_model("resnet", "digits", layers=20)(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("arch,dataset,layers,expected", [
+    ("resnet", "cifar10", 20, 272_474),        # He et al. 2016, table 6: 0.27M
+    ("resnet", "cifar10", 56, 855_770),        # 0.85M
+    ("resnet", "imagenet", 50, 25_557_032),    # torchvision resnet50
+    ("mobilenetv2", "imagenet", 16, 3_504_872),  # torchvision mobilenet_v2
+])
+def test_parameter_counts_match_the_published_models(arch, dataset, layers, expected):
+    model = models.build_model(arch, dataset, layers=layers)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_unsupported_depth_lists_the_supported_ones():
+    with pytest.raises(models.ModelError, match="supported: 20, 32, 44, 56, 110"):
+        models.build_model("resnet", "cifar10", layers=18)
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(RuntimeError, match="registered twice"):
+        models.register_model("resnet", depths={})(lambda **kw: None)
+
+
+def test_width_mult_thins_every_family():
+    for arch in models.list_models():
+        layers = (models.supported_depths(arch, "cifar10") or (16,))[0]
+        full = sum(p.numel() for p in models.build_model(arch, "cifar10", layers).parameters())
+        thin = sum(p.numel() for p in models.build_model(arch, "cifar10", layers, 0.5).parameters())
+        assert thin < 0.5 * full, arch
+
+
+def test_model_name_is_the_checkpoint_folder():
+    assert models.model_name("resnet", 56) == "resnet56"
+    assert models.model_name("vgg", 16, bn=True) == "vgg16_bn"
+    assert models.model_name("mobilenet", 16) == "mobilenet"
+    assert models.model_name("mobilenetv2", 16, 0.5) == "mobilenetv2_w0.5"
