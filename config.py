@@ -107,10 +107,28 @@ FLAGS = {
     "sched": _flag("--sched", default="step", metavar="S",
                    help="learning-rate schedule: step (x0.1 at 50%% and 75%% of --epochs, the "
                         "original's) | cosine (default: step)"),
+    "amp": _flag("--amp", default="off", choices=("off", "bf16", "fp16"),
+                 help="mixed precision on CUDA: off | bf16 | fp16 (with a GradScaler); no effect on "
+                      "CPU (default: off)"),
+    "channels_last": _flag("--channels-last", dest="channels_last", action="store_true",
+                           help="channels-last memory format on CUDA; no effect on CPU"),
+    "pin_memory": _flag("--pin-memory", dest="pin_memory", action="store_true",
+                        help="pinned host memory and non-blocking copies on CUDA; no effect on CPU"),
+    "persistent_workers": _flag("--persistent-workers", dest="persistent_workers", action="store_true",
+                                help="keep data-loading workers alive between epochs (with -j > 0)"),
+    # ---- experiment records (tracking.py)
+    "mongo_url": _flag("--mongo-url", dest="mongo_url", default=None, metavar="URL",
+                       help="also record the run in MongoDB for Omniboard, e.g. mongodb://127.0.0.1:27017 "
+                            "(default: $SACRED_MONGO_URL, else runs/ only)"),
+    "mongo_db": _flag("--mongo-db", dest="mongo_db", default=None, metavar="NAME",
+                      help="MongoDB database of --mongo-url (default: sacred)"),
+    "no_track": _flag("--no-track", dest="no_track", action="store_true",
+                      help="record nothing (default: every run is recorded under runs/<id>/)"),
 }
 
 MODEL_FLAGS = ("dataset", "arch", "layers", "bn", "width_mult", "datapath", "ckpt", "cuda", "gpuids")
 MESS_FLAGS = ("version", "bind_size", "pw_bind_size", "quant", "np", "qb", "qba", "qbb")
+TRACK_FLAGS = ("mongo_url", "mongo_db", "no_track")  # experiment records (tracking.py)
 
 
 def add_flags(parser: argparse.ArgumentParser, names) -> argparse.ArgumentParser:
@@ -128,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "layers", "bn", "width_mult", "groups", "print_freq", "ckpt", "resume", "evaluate", "cuda",
         "retrain", "gpuids", "datapath", "version", "bind_size", "pw_bind_size", "new", "save_epoch",
         "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb",
-        "seed", "sched"))
+        "seed", "sched", "amp", "channels_last", "pin_memory", "persistent_workers") + TRACK_FLAGS)
 
 
 def check_not_yet(args) -> None:

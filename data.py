@@ -149,15 +149,37 @@ def get_datasets(dataset: str, datapath) -> tuple[Dataset, Dataset]:
 
 
 def get_loaders(dataset: str, datapath, batch_size: int, workers: int, pin_memory: bool = False,
-                train_sampler=None):
-    """Train and validation loaders. The train loader's shuffling comes from the generator
-    returned with it, re-seeded each epoch by the caller, so a resumed run sees the same order."""
+                persistent_workers: bool = False, rank: int = 0, world_size: int = 1):
+    """Train and validation loaders, plus the object that fixes each epoch's shuffling.
+
+    One process: the train loader shuffles with the returned ``torch.Generator``, which the
+    caller re-seeds each epoch, so a resumed run sees the same order. Several processes
+    (DDP): a ``DistributedSampler`` (call ``set_epoch``) and a validation shard per rank,
+    with ``batch_size`` per process.
+    """
     train_set, val_set = get_datasets(dataset, datapath)
     if dataset == "digits":
         workers = 0  # in-memory tensors: worker processes cost more than they save
-    generator = torch.Generator()
-    common = dict(num_workers=workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, generator=generator, drop_last=False, **common)
+    common = dict(num_workers=workers, pin_memory=pin_memory,
+                  persistent_workers=persistent_workers and workers > 0)
+    if world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+        shuffler = DistributedSampler(train_set, world_size, rank, shuffle=True)
+        train_loader = DataLoader(train_set, batch_size=batch_size, sampler=shuffler, **common)
+        # every sample once: shards of unequal size, summed across ranks by the caller
+        val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+        val_loader = DataLoader(val_shard, batch_size=batch_size, shuffle=False, **common)
+        return train_loader, val_loader, shuffler
+    shuffler = torch.Generator()
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=shuffler, **common)
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
-    return train_loader, val_loader, generator
+    return train_loader, val_loader, shuffler
+
+
+def set_epoch(shuffler, seed: int, epoch: int) -> None:
+    """Make the epoch's shuffling a function of (seed, epoch) alone."""
+    if isinstance(shuffler, torch.Generator):
+        shuffler.manual_seed(seed * 100_003 + epoch)
+    else:
+        shuffler.seed = seed
+        shuffler.set_epoch(epoch)

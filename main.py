@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +21,16 @@ from tqdm import tqdm
 
 import models
 from config import check_not_yet, get_args_parser
-from data import get_loaders
+from data import get_loaders, set_epoch
 from utils import (
     CKPT_ROOT,
+    Dist,
     UserError,
     accuracy,
+    all_reduce_sum,
     arch_spec,
     check_arch,
+    init_distributed,
     load_checkpoint,
     load_state_dict_checked,
     resolve_ckpt,
@@ -89,41 +94,80 @@ def lr_at(args, epoch: int) -> float:
     return args.lr * 0.1 ** sum(epoch > m for m in (args.epochs // 2, args.epochs * 3 // 4))
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device, epoch, args, extra_loss=None):
+@dataclass
+class Runtime:
+    """Where and how the loop runs: device, process group, and the GPU fast paths."""
+    device: torch.device
+    dist: Dist = Dist()
+    amp_dtype: torch.dtype | None = None  # autocast on CUDA, None for full precision
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    channels_last: bool = False
+
+    def batch(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def make_runtime(args, device, d: Dist) -> Runtime:
+    if device.type != "cuda":  # the fast paths are GPU features; on CPU they change nothing
+        return Runtime(device, d)
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
+    return Runtime(device, d, dtype, scaler, args.channels_last)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, rt: Runtime, epoch, args, extra_loss=None):
     model.train()
     # running sums stay on the device; syncing only every print_freq batches keeps the loop fast
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-               disable=None, mininterval=0.5)
+               disable=None if rt.dist.is_main else True, mininterval=0.5)
     for i, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss = criterion(out, y)
+        x, y = rt.batch(x, y)
+        with rt.autocast():
+            out = model(x)
+            loss = criterion(out, y)
         if extra_loss is not None:
             loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if rt.scaler is not None:
+            rt.scaler.scale(loss).backward()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.detach() * x.size(0)
         correct += (out.detach().argmax(1) == y).sum()
         seen += x.size(0)
         if (i + 1) % args.print_freq == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}")
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_top1": 100.0 * correct.item() / max(seen, 1)}
+    loss_sum, correct, seen = all_reduce_sum([loss_sum.item(), correct.item(), seen], rt.device, rt.dist)
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+            "train_samples": int(seen)}
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, device) -> dict:
+def evaluate(model, loader, criterion, rt: Runtime) -> dict:
     model.eval()
     loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += criterion(out, y).item() * x.size(0)
+        x, y = rt.batch(x, y)
+        with rt.autocast():
+            out = model(x)
+        loss_sum += criterion(out.float(), y).item() * x.size(0)
         c1, c5 = accuracy(out, y, topk=(1, 5))
         correct1, correct5, n = correct1 + c1, correct5 + c5, n + x.size(0)
+    loss_sum, correct1, correct5, n = all_reduce_sum([loss_sum, correct1, correct5, n], rt.device, rt.dist)
     return {"val_loss": loss_sum / max(n, 1), "val_top1": 100.0 * correct1 / max(n, 1),
             "val_top5": 100.0 * correct5 / max(n, 1)}
 
@@ -143,14 +187,21 @@ def plain_args(args) -> dict:
             if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
 
 
-def run_header(args, model, device, ckpt_dir):
+def describe_devices(args, device, d: Dist) -> str:
+    if d.enabled:
+        return f"{device.type} x{d.world_size} processes (DistributedDataParallel)"
+    if device.type == "cuda" and len(args.gpuids) > 1:
+        return f"{device} x{len(args.gpuids)} (DataParallel)"
+    return str(device)
+
+
+def run_header(args, model, device, ckpt_dir, d: Dist):
     from rich.table import Table
     n_params = sum(p.numel() for p in model.parameters())
     t = Table(show_header=False, box=None, pad_edge=False)
     for k, v in (("model", models.model_name(args.arch, args.layers, args.width_mult, args.bn)),
                  ("data", args.dataset), ("params", f"{n_params:,}"),
-                 ("device", str(device) + (f" x{len(args.gpuids)} (DataParallel)"
-                                           if device.type == "cuda" and len(args.gpuids) > 1 else "")),
+                 ("device", describe_devices(args, device, d)),
                  ("checkpoints", str(ckpt_dir))):
         t.add_row(f"[bold]{k}[/bold]", v)
     console.print(t)
@@ -159,7 +210,22 @@ def run_header(args, model, device, ckpt_dir):
 def main(args, tracker=None):
     tracker = tracker or NullTracker()
     validate_args(args)
-    device = select_device(args.cuda, args.gpuids)
+    d = init_distributed(args.cuda)
+    try:
+        return _run(args, tracker, d)
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(args, tracker, d: Dist):
+    console.quiet = not d.is_main  # under torchrun only rank 0 prints
+    if args.batch_size % d.world_size:
+        raise UserError(f"-b {args.batch_size} is the total batch size; it must divide by the "
+                        f"{d.world_size} processes")
+    device = select_device(args.cuda, args.gpuids, d)
+    rt = make_runtime(args, device, d)
     set_seed(args.seed)  # before the model is built: its initial weights come from this seed
     model, spec, ckpt_dir = build(args)
     criterion = nn.CrossEntropyLoss()
@@ -170,22 +236,27 @@ def main(args, tracker=None):
         ckpt = load_checkpoint(path)
         check_arch(ckpt, spec, path)
         load_state_dict_checked(model, ckpt["model"], path)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
-    train_loader, val_loader, generator = get_loaders(
-        args.dataset, args.datapath, args.batch_size, args.workers, pin_memory=device.type == "cuda")
-    net = wrap_model(model, device, args.gpuids)
+    train_loader, val_loader, shuffler = get_loaders(
+        args.dataset, args.datapath, args.batch_size // d.world_size, args.workers,
+        pin_memory=args.pin_memory and device.type == "cuda",
+        persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size)
+    net = wrap_model(model, device, args.gpuids, d)
 
     if args.evaluate:
         t0 = time.time()
-        metrics = evaluate(net, val_loader, criterion, device)
+        metrics = evaluate(net, val_loader, criterion, rt)
         line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
                 f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
         if "mess" in ckpt:
             from find_similar_kernel import summarize
             line += "\n" + summarize(ckpt)
         console.print(line)
-        append_csv(ckpt_dir / "eval.csv", {"ckpt": str(args.ckpt), **metrics,
-                                           "seconds": round(time.time() - t0, 2)})
+        if d.is_main:
+            append_csv(ckpt_dir / "eval.csv", {"ckpt": str(args.ckpt), **metrics,
+                                               "seconds": round(time.time() - t0, 2)})
         return {"metrics": metrics, "ckpt_dir": ckpt_dir}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -201,39 +272,44 @@ def main(args, tracker=None):
             set_rng_state(ckpt["rng"])
         console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
 
-    run_header(args, model, device, ckpt_dir)
+    run_header(args, model, device, ckpt_dir, d)
     result = {"best_acc1": best_acc1, "ckpt_dir": ckpt_dir, "history": []}
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         lr = lr_at(args, epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        generator.manual_seed(args.seed * 100_003 + epoch)  # shuffling depends on (seed, epoch) only
+        set_epoch(shuffler, args.seed, epoch)
         row = {"epoch": epoch, "lr": lr}
-        row.update(train_one_epoch(net, train_loader, criterion, optimizer, device, epoch, args))
-        row.update(evaluate(net, val_loader, criterion, device))
+        row.update(train_one_epoch(net, train_loader, criterion, optimizer, rt, epoch, args))
+        row.update(evaluate(net, val_loader, criterion, rt))
         row["seconds"] = round(time.time() - t0, 2)
         is_best = row["val_top1"] > best_acc1
         best_acc1 = max(best_acc1, row["val_top1"])
-        state = {"model": unwrap_model(net).state_dict(), "arch": spec, "epoch": epoch,
-                 "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
-                 "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
-                               "last_epoch": epoch},
-                 "args": plain_args(args), "rng": rng_state()}
-        save_checkpoint(state, ckpt_dir / f"ckpt_epoch_{epoch}.pth")
-        if is_best:
-            save_checkpoint(state, ckpt_dir / "ckpt_best.pth")
-        append_csv(ckpt_dir / "summary.csv", row)
-        tracker.log(row, epoch)
+        if d.is_main:
+            state = {"model": unwrap_model(net).state_dict(), "arch": spec, "epoch": epoch,
+                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                     "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
+                                   "last_epoch": epoch},
+                     "args": plain_args(args), "rng": rng_state()}
+            save_checkpoint(state, ckpt_dir / f"ckpt_epoch_{epoch}.pth")
+            if is_best:
+                save_checkpoint(state, ckpt_dir / "ckpt_best.pth")
+            append_csv(ckpt_dir / "summary.csv", row)
+            tracker.log(row, epoch)
         result["history"].append(row)
         console.print(f"epoch {epoch}/{args.epochs} lr {lr:.3g} | train {row['train_loss']:.4f} "
                       f"{row['train_top1']:.2f}% | val {row['val_loss']:.4f} {row['val_top1']:.2f}% "
                       f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s"
                       + (" *" if is_best else ""))
-    tracker.artifact(ckpt_dir / "summary.csv")
+    if d.is_main:
+        tracker.artifact(ckpt_dir / "summary.csv")
     result["best_acc1"] = best_acc1
     return result
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    from tracking import Experiment, tracked_run
+    # every run is a sacred run (tracking.py); its Experiment is built here, in the script whose
+    # sources sacred should record
+    run_cli(lambda args: tracked_run(Experiment("mess-train"), main, args), get_args_parser())

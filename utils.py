@@ -5,6 +5,7 @@ import os
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,12 +145,55 @@ def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- devices
-def select_device(cuda: bool, gpuids) -> torch.device:
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cuda: bool) -> Dist:
+    """Join the process group torchrun describes in the environment (nccl on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group(backend="nccl" if cuda and torch.cuda.is_available() else "gloo")
+    return d
+
+
+def all_reduce_sum(values: list, device, d: Dist) -> list:
+    """Sum numbers across ranks (identity in a single process)."""
+    if not d.enabled:
+        return list(values)
+    import torch.distributed as dist
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def select_device(cuda: bool, gpuids, d: Dist = Dist()) -> torch.device:
     if not cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("-C/--cuda asked for, but no CUDA device is available (drop -C to run on CPU)")
     n = torch.cuda.device_count()
+    if d.enabled:  # torchrun: one GPU per process, chosen by LOCAL_RANK
+        torch.cuda.set_device(d.local_rank)
+        return torch.device(f"cuda:{d.local_rank}")
     bad = [g for g in gpuids if g < 0 or g >= n]
     if bad:
         raise UserError(f"GPU id(s) {bad} do not exist; this machine has {n} GPU(s): 0..{n - 1}")
@@ -157,9 +201,12 @@ def select_device(cuda: bool, gpuids) -> torch.device:
     return torch.device(f"cuda:{gpuids[0]}")
 
 
-def wrap_model(model: nn.Module, device: torch.device, gpuids) -> nn.Module:
-    """Move to ``device``; several GPU ids give DataParallel over them (as the original)."""
+def wrap_model(model: nn.Module, device: torch.device, gpuids, d: Dist = Dist()) -> nn.Module:
+    """Move to ``device``; DDP under torchrun, DataParallel for several ``-g`` ids (the original's)."""
     model = model.to(device)
+    if d.enabled:
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda" and len(gpuids) > 1:
         model = nn.DataParallel(model, device_ids=list(gpuids), output_device=gpuids[0])
     return model

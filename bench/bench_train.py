@@ -50,6 +50,7 @@ def run(argv=None):
     loader, _, gen = get_loaders("digits", ".", args.batch_size, 0)
     criterion = nn.CrossEntropyLoss()
     n = len(loader.dataset) * a.epochs
+    rt = mainmod.Runtime(torch.device("cpu"))
     best = {"ours": 0.0, "bare": 0.0}
 
     def fresh():
@@ -61,7 +62,7 @@ def run(argv=None):
         model, opt = fresh()
         for e in range(1, a.epochs + 1):
             gen.manual_seed(e)
-            mainmod.train_one_epoch(model, loader, criterion, opt, torch.device("cpu"), e, args)
+            mainmod.train_one_epoch(model, loader, criterion, opt, rt, e, args)
 
     def bare():
         model, opt = fresh()
