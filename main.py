@@ -91,7 +91,7 @@ def lr_at(args, epoch: int) -> float:
     if args.sched == "cosine":
         return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
     # the original's step schedule: x0.1 at half and at three quarters of the run
-    return args.lr * 0.1 ** sum(epoch > m for m in (args.epochs // 2, args.epochs * 3 // 4))
+    return args.lr * 0.1 ** sum(epoch > max(1, m) for m in (args.epochs // 2, args.epochs * 3 // 4))
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _run(args, tracker, d: Dist):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
-    start_epoch, best_acc1 = 1, 0.0
+    start_epoch, best_acc1 = 1, -1.0  # below any accuracy: the first epoch always writes ckpt_best.pth
     if args.resume:
         if "optimizer" not in ckpt or "epoch" not in ckpt:
             raise UserError(f"{args.ckpt} has no optimizer state or epoch; it can be evaluated "

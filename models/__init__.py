@@ -8,8 +8,8 @@ where ``family`` is ``"cifar"`` (32x32 inputs) or ``"imagenet"`` (224x224).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 
@@ -33,6 +33,7 @@ DATASET_FAMILY = {
     "cifar100": ("cifar", 100),
     "digits": ("cifar", 10),
     "imagenet": ("imagenet", 1000),
+    "tinyimagenet": ("cifar", 200),  # TinyImageNet-200: 64x64 inputs, CIFAR-style stems
 }
 
 
@@ -102,4 +103,4 @@ def scaled(channels: int, width_mult: float, divisor: int = 1) -> int:
 
 
 # Import the families so that they register themselves.
-from . import mobilenet, mobilenetv2, resnet, vgg  # noqa: E402,F401
+from . import mobilenet, mobilenetv2, resnet, vgg, wideresnet  # noqa: E402,F401

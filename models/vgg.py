@@ -41,9 +41,9 @@ class VGG(nn.Module):
             hidden = scaled(4096, width_mult)
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
             in_fc = ch * 7 * 7
-        else:  # the 1x1 map of a 32x32 input feeds the head directly (chenyaofo)
+        else:  # chenyaofo's head; 32x32 inputs end as a 1x1 map, larger ones (64x64) are pooled to it
             hidden = ch
-            self.avgpool = nn.Identity()
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
             in_fc = ch
         self.classifier = nn.Sequential(
             nn.Linear(in_fc, hidden), nn.ReLU(True), nn.Dropout(),

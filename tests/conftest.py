@@ -10,6 +10,17 @@ sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread: tiny forward passes gain nothing from a second one, and on a
+    busy shared CPU its synchronisation costs up to 100x."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run inside an empty folder: checkpoints land in ./checkpoint there."""
     monkeypatch.chdir(tmp_path)
