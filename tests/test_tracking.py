@@ -1,0 +1,307 @@
+"""tracking.py: sacred records under runs/, in a MongoDB-wire server, and through Omniboard.
+
+The server is SecantusDB (a MongoDB-compatible server in Python, a test dependency), started
+in-process on 127.0.0.1; Omniboard is the one pinned in scripts/omniboard (`npm ci` there).
+"""
+
+import argparse
+import csv
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_user_error, run_cli
+
+import tracking
+
+TINY = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.5", "-j", "0", "-b", "64",
+        "--epochs", "2"]
+EPOCH_METRICS = ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
+OMNIBOARD_DIR = ROOT / "scripts" / "omniboard"
+OMNIBOARD = OMNIBOARD_DIR / "node_modules" / "omniboard" / "dist" / "start.js"
+
+
+def start_server(storage):
+    secantus = pytest.importorskip("secantus", reason="SecantusDB (requirements-dev.txt) is not installed")
+    server = secantus.SecantusDBServer(host="127.0.0.1", port=0, storage_path=str(storage),
+                                       replica_set_name=None)
+    server.start()
+    return server
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One `python main.py digits ...` with --mongo-url: its file records, database and stdout."""
+    server = start_server(tmp_path_factory.mktemp("mongo"))
+    cwd = tmp_path_factory.mktemp("cwd")
+    try:
+        rc, out, err = run_cli("main.py", *TINY, "--mongo-url", server.uri, "--mongo-db", "mess", cwd=cwd)
+        assert rc == 0, err
+        yield {"cwd": cwd, "server": server, "out": out, "err": err}
+    finally:
+        server.stop()
+
+
+def summary_rows(cwd):
+    with open(cwd / "checkpoint/resnet20_w0.5/digits/summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_file_records_hold_flags_metrics_files_and_result(digits_run):
+    cwd = digits_run["cwd"]
+    run = cwd / "runs" / "1"
+    config = read_json(run / "config.json")
+    assert (config["dataset"], config["arch"], config["layers"], config["width_mult"], config["epochs"],
+            config["batch_size"]) == ("digits", "resnet", 20, 0.5, 2, 64)
+    assert not {"mongo_url", "mongo_db", "no_track"} & set(config)  # how it is recorded: not the run's flags
+
+    rows = summary_rows(cwd)
+    metrics = read_json(run / "metrics.json")
+    for m in EPOCH_METRICS:
+        assert metrics[m]["steps"] == [1, 2], m
+        assert metrics[m]["values"] == pytest.approx([float(r[m]) for r in rows]), m
+
+    info = read_json(run / "run.json")
+    assert info["status"] == "COMPLETED"
+    assert info["result"] == pytest.approx(max(float(r["val_top1"]) for r in rows))
+    assert info["experiment"]["name"] == "mess-train" and info["experiment"]["mainfile"] == "main.py"
+    sources = {s for s, _ in info["experiment"]["sources"]}
+    assert {"main.py", "config.py", "tracking.py", "models/resnet.py"} <= sources
+    assert info["artifacts"] == ["summary.csv"] and (run / "summary.csv").is_file()
+
+    cout = (run / "cout.txt").read_text()
+    assert "epoch 2/2" in cout and "\r" not in cout  # captured, tqdm's redraws filtered
+    assert "recording this run in runs/1 and MongoDB 'mess'" in digits_run["out"]
+    err = digits_run["err"]
+    assert "WARNING" not in err and "Traceback" not in err and "INFO" not in err, err  # no sacred chatter
+
+
+def test_mongodb_holds_the_run_its_metrics_and_files(digits_run):
+    import pymongo
+    rows = summary_rows(digits_run["cwd"])
+    with pymongo.MongoClient(digits_run["server"].uri, serverSelectionTimeoutMS=3000) as client:
+        db = client["mess"]
+        run = db.runs.find_one({})
+        assert run["status"] == "COMPLETED" and run["config"]["arch"] == "resnet"
+        assert run["result"] == pytest.approx(max(float(r["val_top1"]) for r in rows))
+        by_name = {m["name"]: m for m in db.metrics.find({"run_id": run["_id"]})}
+        assert set(EPOCH_METRICS) <= set(by_name)
+        for m in EPOCH_METRICS:
+            assert by_name[m]["steps"] == [1, 2] and len(by_name[m]["values"]) == 2
+        files = {f["filename"] for f in db["fs.files"].find({})}
+        assert f"artifact://runs/{run['_id']}/summary.csv" in files
+        assert any(f.endswith("main.py") for f in files)  # the sources
+        assert [a["name"] for a in run["artifacts"]] == ["summary.csv"]
+
+
+@pytest.mark.skipif(not OMNIBOARD.is_file() or not shutil.which("node"),
+                    reason="Omniboard is not installed: cd scripts/omniboard && npm ci")
+def test_omniboard_lists_the_run_and_its_metrics(digits_run):
+    server = digits_run["server"]
+    env = dict(os.environ, PORT="0")  # localhost.js: 127.0.0.1 only, on a free port
+    proc = subprocess.Popen(["node", "-r", str(OMNIBOARD_DIR / "localhost.js"), str(OMNIBOARD),
+                             "-m", f"127.0.0.1:{server.port}:mess"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    try:
+        port, seen, deadline = None, [], time.monotonic() + 60
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", seen[-1])
+            port = int(m.group(1)) if m else None
+        assert port, "".join(seen)
+
+        def get(path):
+            for _ in range(20):  # bounded: Omniboard connects to the database just after listening
+                try:
+                    url = f"http://127.0.0.1:{port}/sacred/api/v1/{path}"
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        return json.loads(r.read())
+                except OSError:
+                    time.sleep(0.5)
+            raise AssertionError(f"Omniboard did not answer {path}: {''.join(seen)}")
+
+        runs = get("Runs")
+        assert len(runs) == 1 and runs[0]["status"] == "COMPLETED"
+        assert runs[0]["config"]["arch"] == "resnet" and runs[0]["experiment"]["name"] == "mess-train"
+        metrics = get(f"Metrics?query={urllib.parse.quote(json.dumps({'run_id': runs[0]['_id']}))}")
+        assert set(EPOCH_METRICS) <= {m["name"] for m in metrics}
+        assert all(m["steps"] == [1, 2] for m in metrics if m["name"] in EPOCH_METRICS)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_evaluation_is_recorded_with_its_metrics_and_eval_csv(digits_run, monkeypatch):
+    import main
+    monkeypatch.chdir(digits_run["cwd"])
+    args = main.get_args_parser().parse_args(TINY + ["-E", "--ckpt", "ckpt_best.pth"])
+    out = tracking.tracked_run(tracking.Experiment("eval", base_dir=str(ROOT)), main.main, args)
+    run = max((d for d in Path("runs").iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    top1 = read_json(run / "metrics.json")["val_top1"]
+    assert (top1["steps"], top1["values"]) == ([0], [out["metrics"]["val_top1"]])
+    info = read_json(run / "run.json")
+    assert info["result"] == out["metrics"]["val_top1"] and info["artifacts"] == ["eval.csv"]
+
+
+def test_unreachable_database_fails_fast_with_one_line(in_tmp):
+    port = closed_port()
+    t0 = time.monotonic()
+    rc, out, err = run_cli("main.py", *TINY, "--mongo-url", f"mongodb://127.0.0.1:{port}", cwd=in_tmp)
+    assert_user_error(rc, err, f"cannot reach MongoDB at 127.0.0.1:{port} (--mongo-url)")
+    assert time.monotonic() - t0 < 25  # python + torch start-up, then 2.5 s: not pymongo's 30 s
+    assert not (in_tmp / "runs").exists() and not (in_tmp / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------- the tracking layer alone, fast
+class NullTracker:
+    def log(self, metrics, step):
+        pass
+
+    def artifact(self, path):
+        pass
+
+
+def fake_main(args, tracker=None, on_epoch=None):
+    """What main.py does for the records: per-epoch rows, summary.csv, result."""
+    tracker = tracker or NullTracker()
+    path = Path("checkpoint/fake/summary.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("epoch,val_top1\n")
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0 / epoch, "val_top1": 50.0 + epoch}
+        rows.append(row)
+        with open(path, "a") as f:
+            f.write(f"{epoch},{row['val_top1']}\n")
+        tracker.log(row, epoch)
+        if on_epoch:
+            on_epoch(epoch)
+    tracker.artifact(path)
+    return {"best_acc1": max(r["val_top1"] for r in rows), "history": rows, "ckpt_dir": path.parent}
+
+
+def fake_args(**kw):
+    base = {"epochs": 3, "seed": 0, "datapath": Path("../data"), "gpuids": (0,), "mongo_url": None,
+            "mongo_db": None, "no_track": False}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def experiment():
+    return tracking.Experiment("test", base_dir=str(ROOT))
+
+
+def test_no_track_records_nothing(in_tmp):
+    out = tracking.tracked_run(experiment(), fake_main, fake_args(no_track=True))
+    assert out["best_acc1"] == 53.0 and not (in_tmp / "runs").exists()
+
+
+def test_plain_config_and_one_value_per_epoch(in_tmp):
+    tracking.tracked_run(experiment(), fake_main, fake_args())
+    run = in_tmp / "runs/1"
+    config = read_json(run / "config.json")
+    assert config["datapath"] == "../data" and config["gpuids"] == [0]  # Path and tuple made JSON-plain
+    metrics = read_json(run / "metrics.json")
+    assert set(metrics) == {"lr", "train_loss", "val_top1"}
+    assert metrics["val_top1"]["steps"] == [1, 2, 3] and metrics["val_top1"]["values"] == [51.0, 52.0, 53.0]
+    assert read_json(run / "run.json")["result"] == 53.0
+    tracking.tracked_run(experiment(), fake_main, fake_args())
+    assert (in_tmp / "runs/2/metrics.json").is_file()  # the next run, numbered on
+
+
+@pytest.mark.parametrize("kw, env, needle", [
+    ({"mongo_url": "mongodb://127.0.0.1:PORT"}, None, "cannot reach MongoDB at 127.0.0.1:PORT (--mongo-url)"),
+    ({}, "mongodb://127.0.0.1:PORT", f"({tracking.MONGO_URL_ENV}) within 0.5 s"),
+    ({"mongo_url": "http://x"}, None, "invalid MongoDB URL in --mongo-url"),
+    ({"mongo_url": "mongodb://127.0.0.1:1", "no_track": True}, None, "cannot be combined"),
+    ({"mongo_db": "mess"}, None, "--mongo-db mess needs a server"),
+])
+def test_database_user_errors(in_tmp, monkeypatch, kw, env, needle):
+    port = str(closed_port())
+    monkeypatch.setattr(tracking, "SERVER_TIMEOUT_S", 0.5)
+    if env:
+        monkeypatch.setenv(tracking.MONGO_URL_ENV, env.replace("PORT", port))
+    else:
+        monkeypatch.delenv(tracking.MONGO_URL_ENV, raising=False)
+    kw = {k: v.replace("PORT", port) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises(tracking.UserError) as e:
+        tracking.tracked_run(experiment(), fake_main, fake_args(**kw))
+    assert needle.replace("PORT", port) in str(e.value) and "\n" not in str(e.value)
+    assert not (in_tmp / "runs").exists() and not (in_tmp / "checkpoint").exists()
+
+
+def test_database_lost_mid_run_costs_a_warning_not_the_run(in_tmp, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "SERVER_TIMEOUT_S", 0.5)
+    server = start_server(tmp_path_factory.mktemp("mongo"))
+    stopped = []
+    try:
+        def stop_after_first(epoch):
+            if epoch == 1:
+                server.stop()
+                stopped.append(True)
+
+        t0 = time.monotonic()
+        out = tracking.tracked_run(experiment(), lambda a, tracker: fake_main(a, tracker, stop_after_first),
+                                   fake_args(mongo_url=server.uri))
+        assert time.monotonic() - t0 < 20
+    finally:
+        if not stopped:
+            server.stop()
+    assert out["best_acc1"] == 53.0
+    run = in_tmp / "runs/1"
+    info = read_json(run / "run.json")
+    assert info["status"] == "COMPLETED" and info["result"] == 53.0
+    assert read_json(run / "metrics.json")["val_top1"]["steps"] == [1, 2, 3]
+    assert (run / "summary.csv").is_file()
+    assert list((in_tmp / "runs/mongo-failed").glob("*.pickle"))  # what MongoDB missed, kept on disk
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_compression_run_records_ratio_bits_residuals_and_report(in_tmp):
+    import find_similar_kernel as fsk
+    import models
+    from utils import save_checkpoint
+    model = models.build_model("resnet", "digits", 20, 0.5, False)
+    save_checkpoint({"model": model.state_dict()}, in_tmp / "tiny.pth")
+    args = fsk.get_args_parser().parse_args(["digits", "-a", "resnet", "--layers", "20", "--width-mult",
+                                             "0.5", "-v", "v2qq", "--ckpt", str(in_tmp / "tiny.pth")])
+    out = tracking.tracked_run(tracking.Experiment("compress", base_dir=str(ROOT)), fsk.main, args)
+    run = in_tmp / "runs/1"
+    metrics = {k: v["values"] for k, v in read_json(run / "metrics.json").items()}
+    assert metrics["ratio"] == [pytest.approx(out["ratio"])]
+    assert metrics["mess_bits"] == [out["account"].mess_bits]
+    assert metrics["fp32_bits"] == [out["account"].fp32_bits]
+    assert metrics["kernel_mean_residual"][0] > 0 and metrics["kernel_bits"][0] > 0
+    info = read_json(run / "run.json")
+    assert info["result"] == pytest.approx(out["ratio"])
+    assert info["artifacts"] == ["tiny_v2qq_q888_layers.csv"]
+    with open(run / "tiny_v2qq_q888_layers.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert {r["layer"] for r in report} == {r["layer"] for r in out["rows"]}
