@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from config import MESS_FLAGS, MODEL_FLAGS, VERSIONS, OneLineParser, add_flags
+from config import MESS_FLAGS, MODEL_FLAGS, TRACK_FLAGS, VERSIONS, OneLineParser, add_flags
 from quantize import (
     check_bits,
     load_model_checkpoint,
@@ -585,7 +585,7 @@ def get_args_parser():
     parser = OneLineParser(prog="find_similar_kernel.py",
                            description="Compress a trained checkpoint with MESS (writes a new checkpoint "
                                        "beside it and prints the storage account).")
-    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS)
+    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + TRACK_FLAGS)
 
 
 def main(args):
@@ -601,8 +601,8 @@ def main(args):
     c = compress(model, args.arch, spec.name, qb=args.qb, qba=args.qba, qbb=args.qbb,
                  bind_size=args.bind_size, pw_bind_size=args.pw_bind_size, np=args.np, device=device)
     seconds = time.perf_counter() - t0
-    c.mess["args"] = {k: v for k, v in vars(args).items()
-                      if isinstance(v, (str, int, float, bool, list, type(None)))}
+    c.mess["args"] = {k: v for k, v in vars(args).items()  # never the database URL: it may hold a password
+                      if isinstance(v, (str, int, float, bool, list, type(None))) and k != "mongo_url"}
     out_path = path.with_name(output_name(
         path.stem, spec.name, np=args.np, qb=args.qb, qba=args.qba, qbb=args.qbb, bind_size=args.bind_size,
         pw_bind_size=args.pw_bind_size if c.mess["pointwise"] else None))
@@ -616,4 +616,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    from tracking import Experiment, tracked_run
+    # every run is a sacred run (tracking.py), built here so that sacred records this script
+    run_cli(lambda args: tracked_run(Experiment("mess-compress"), main, args), get_args_parser())

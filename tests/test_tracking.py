@@ -305,3 +305,15 @@ def test_compression_run_records_ratio_bits_residuals_and_report(in_tmp):
     with open(run / "tiny_v2qq_q888_layers.csv", newline="") as f:
         report = list(csv.DictReader(f))
     assert {r["layer"] for r in report} == {r["layer"] for r in out["rows"]}
+
+
+def test_find_similar_kernel_cli_is_a_recorded_run(digits_run):
+    cwd = digits_run["cwd"]
+    rc, out, err = run_cli("find_similar_kernel.py", *TINY[:7], "-v", "v2nb", "--ckpt", "ckpt_best.pth",
+                           cwd=cwd)
+    assert rc == 0, err
+    runs = sorted((cwd / "runs").glob("[0-9]*"), key=lambda p: int(p.name))
+    info = read_json(runs[-1] / "run.json")
+    assert info["experiment"]["name"] == "mess-compress"
+    assert info["status"] == "COMPLETED" and info["result"] > 1.0
+    assert read_json(runs[-1] / "config.json")["version"] == "v2nb"
