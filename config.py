@@ -14,18 +14,6 @@ DATASETS = tuple(DATASET_FAMILY)
 VERSIONS = ("v2", "v2q", "v2qq", "v2qq-epsv1", "v2qq-epsv2", "v2qq-epsv3", "v2f", "v2nb",
             "v2.5", "v3")
 
-# Flags whose feature has not landed yet: refused with one line rather than silently ignored.
-# Each entry: dest -> (value meaning "off", what it needs).
-NOT_YET: dict[str, tuple[object, str]] = {
-    "retrain": (False, "retraining (-T)"),
-    "new": (False, "the new method (-N)"),
-    "nuc_loss": (False, "the nuclear-norm loss (--nl)"),
-    "pcc_loss": (False, "the correlation loss (--pl)"),
-    "quant": (False, "quantized training (-Q)"),
-    "version": (None, "MESS versions during training (-v)"),
-}
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage dump), exit code 2."""
 
@@ -95,6 +83,10 @@ FLAGS = {
                       help="scale factor of pcc_loss (default: 1.0)"),
     "quant": _flag("-Q", "--quant", action="store_true", help="use quantization?"),
     "np": _flag("--np", action="store_true", help="no v2-like method in pointwise convolutional layer?"),
+    "fc": _flag("--fc", action="store_true",
+                help="also cover fully connected layers on the pointwise path: rows cut in chunks of -pwd, "
+                     "matched against the pointwise bank, or the first FC layer's windows when there is no "
+                     "1x1 conv (or with --np) (default: off)"),
     "qb": _flag("--qb", "--quant-bit", dest="qb", type=int, default=8, metavar="N",
                 help="number of bits for quantization (Default: 8)"),
     "qba": _flag("--qba", "--quant_bit_a", dest="qba", type=int, default=8, metavar="N",
@@ -102,6 +94,9 @@ FLAGS = {
     "qbb": _flag("--qbb", "--quant_bit_b", dest="qbb", type=int, default=8, metavar="N",
                  help="number of bits for quantizing betas (Default: 8)"),
     # ---- new in this suite
+    "wclip": _flag("--wclip", dest="wclip", type=float, default=None, metavar="K",
+                   help="after each optimizer step clamp each covered layer's weights to their mean +- K "
+                        "standard deviations (the original's TODO; default: off)"),
     "seed": _flag("--seed", type=int, default=0, metavar="N",
                   help="random seed; a fixed seed makes a CPU run repeatable (default: 0)"),
     "sched": _flag("--sched", default="step", metavar="S",
@@ -145,13 +140,5 @@ def get_args_parser() -> argparse.ArgumentParser:
         "dataset", "arch", "workers", "epochs", "batch_size", "lr", "momentum", "weight_decay",
         "layers", "bn", "width_mult", "groups", "print_freq", "ckpt", "resume", "evaluate", "cuda",
         "retrain", "gpuids", "datapath", "version", "bind_size", "pw_bind_size", "new", "save_epoch",
-        "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb",
+        "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb", "wclip",
         "seed", "sched", "amp", "channels_last", "pin_memory", "persistent_workers") + TRACK_FLAGS)
-
-
-def check_not_yet(args) -> None:
-    """Refuse a flag whose feature has not landed, with one line (see NOT_YET)."""
-    from utils import UserError
-    for dest, (off, what) in NOT_YET.items():
-        if hasattr(args, dest) and getattr(args, dest) != off:
-            raise UserError(f"{what} is not available yet in this version of MESS")

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,12 @@ from utils import UserError, run_cli, save_checkpoint, select_device
 EPS = 1e-8  # the original's epsilon for the eps variants (its file names carry "_eps1e-08")
 BUDGET_BYTES = 256 * 2**20  # bound on the search's per-block temporaries, whatever the model
 CPU_BLOCK_PAIRS = 2**18  # (target, bank row) pairs per block and thread on CPU: 1 MB temporaries, in cache
+SEARCH_ENV = "MESS_SEARCH"  # auto (default) | fused | plain: which search runs when search(fused=None)
+# auto: below this many (target, bank row) pairs building the fused kernel costs more than it saves (C++ on
+# CPU: 0.3 s against a plain search at ~2e8 pairs/s; Triton on CUDA: seconds, against a fast plain search)
+FUSED_MIN_PAIRS = {"cpu": 2**26, "cuda": 2**34}
+FUSED_CPU_KERNEL = "c++"  # CPU fused kernel: "c++" (hand-written, ctypes) or "inductor" (torch.compile)
+CPU_FUSED_CHUNK_PAIRS = 2**20  # pairs per task of the C++ kernel's thread pool: about a millisecond
 DEPTHWISE_BANK_ARCHS = ("mobilenet", "mobilenetv2")  # their kernel bank is the first depthwise conv
 
 
@@ -96,19 +102,39 @@ def centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x - mean[:, None], mean
 
 
+def block_alpha(c_w: torch.Tensor, c_r_t: torch.Tensor, div: torch.Tensor,
+                nan1: bool = False) -> torch.Tensor:
+    """alpha of every (target, bank row) pair of a block, (B, N): ``<c_w, c_r> / div``.
+
+    c_w (B, L) the centred targets, c_r_t (L, N) the centred bank transposed, div (N,) the
+    denominators; ``nan1``: a NaN alpha becomes 1 (epsv3). The dot products add up position by
+    position, every product and sum rounded on its own (no matrix product, no fused
+    multiply-add): the operations of ``fused_residual_argmin`` in its order, so that the plain
+    and the fused path round alike and pick the same k, bit for bit, even among near-ties.
+    """
+    dot = torch.mul(c_w[:, :1], c_r_t[0])
+    tmp = torch.empty_like(dot)
+    for i in range(1, c_r_t.shape[0]):
+        dot.add_(torch.mul(c_w[:, i:i + 1], c_r_t[i], out=tmp))
+    alpha = dot.div_(div)
+    if nan1:
+        alpha.masked_fill_(alpha.isnan(), 1.0)  # 0/0 of a zero-variance row
+    return alpha
+
+
 def residual_argmin(alpha: torch.Tensor, c_r_t: torch.Tensor, c_w: torch.Tensor):
     """L1 residual ``sum_l |alpha * c_r[l] - c_w[l]|`` of every (target, bank row) pair of a
     block, and its minimum over the bank (ties: smallest index).
 
     alpha (B, N), c_r_t (L, N) the centred bank transposed, c_w (B, L) the centred targets.
-    Loops over the vector length L, never over kernels: the temporaries are (B, N). This is
-    the function a fused (compiled) kernel replaces; see ``search(residual_fn=...)``.
+    Loops over the vector length L, never over kernels: the temporaries are (B, N). The plain
+    path's kernel; ``fused_residual_argmin`` is the fused one, with the same operations in the
+    same order (see ``block_alpha``), see ``search(fused=...)``.
     """
-    neg = c_w.neg()
-    res = torch.addcmul(neg[:, :1], alpha, c_r_t[0]).abs_()
+    res = torch.mul(alpha, c_r_t[0]).sub_(c_w[:, :1]).abs_()
     tmp = torch.empty_like(res)
     for i in range(1, c_r_t.shape[0]):
-        res.add_(torch.addcmul(neg[:, i:i + 1], alpha, c_r_t[i], out=tmp).abs_())
+        res.add_(torch.mul(alpha, c_r_t[i], out=tmp).sub_(c_w[:, i:i + 1]).abs_())
     best, k = res.min(1)
     return best, k
 
@@ -123,80 +149,390 @@ def _single_threaded_ops():
         torch.set_num_threads(n)
 
 
-def block_size(n_bank: int, device: torch.device, budget_bytes: int = BUDGET_BYTES) -> int:
-    """Targets per block: about four (block, N) float32 temporaries live at once."""
+def block_size(n_bank: int, device: torch.device, budget_bytes: int = BUDGET_BYTES, *,
+               fused: bool = False) -> int:
+    """Targets per block: about four (block, N) float32 temporaries live at once. The fused
+    kernel keeps no (block, N) temporary, only a residual and an index per target: its blocks
+    are as large as the budget allows that, so that per-call overheads vanish."""
+    if fused:
+        return max(1, budget_bytes // 16)
     pairs = budget_bytes // 16
     if device.type == "cpu":
         pairs = min(pairs, CPU_BLOCK_PAIRS)
     return max(1, pairs // n_bank)
 
 
+# ---------------------------------------------------------------- the fused search
+def fused_residual_argmin(c_w: torch.Tensor, c_r_t: torch.Tensor, div: torch.Tensor,
+                          nan1: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best residual, k) of every target of a block in one pass: alpha, L1 residual, minimum.
+
+    c_w (B, L) the centred targets, c_r_t (L, N) the centred bank transposed, div (N,) the
+    alpha denominators; ``nan1``: a NaN alpha becomes 1 (epsv3). The operations of
+    ``block_alpha`` and ``residual_argmin``, in their order, with the loops over L unrolled when
+    traced: under ``torch.compile`` the block becomes one loop nest (a Triton kernel on CUDA),
+    in which each (target, bank row) pair costs about 5L arithmetic instructions in registers
+    (the dot product, then multiply, subtract, abs and add per position), with no (B, N)
+    temporary and the argmin (ties: smallest index) kept on the fly. The fused kernel on CUDA;
+    on CPU ``_CPU_KERNEL_SOURCE`` does the same by hand, faster than Inductor's argmin (3x
+    measured). Called eagerly it is correct, and slow.
+    """
+    L = c_r_t.shape[0]
+    dot = c_w[:, :1] * c_r_t[0]
+    for i in range(1, L):
+        dot = dot + c_w[:, i:i + 1] * c_r_t[i]
+    alpha = dot / div
+    if nan1:
+        alpha = torch.where(alpha.isnan(), 1.0, alpha)
+    res = (alpha * c_r_t[0] - c_w[:, :1]).abs()
+    for i in range(1, L):
+        res = res + (alpha * c_r_t[i] - c_w[:, i:i + 1]).abs()
+    return res.min(1)
+
+
+# The CPU twin of fused_residual_argmin, by hand: vectors of _CPU_LANES bank rows (GCC/Clang vector
+# extensions, lowered to AVX-512, AVX2, NEON...), L unrolled for the usual lengths, the running minimum
+# and its index kept per lane. Built with -ffp-contract=off: every product and sum rounds on its own,
+# in the order of block_alpha and residual_argmin, so that it picks the plain path's k bit for bit
+# (for finite weights: a NaN residual never wins here, while torch.min would return it).
+_CPU_LANES = 16
+_CPU_KERNEL_SOURCE = r"""
+#include <stdint.h>
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+static inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline vf bcast(float x) { vf v = {}; return v + x; }
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  // m ? a : b
+static inline vi pick(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
+
+// rows b0..b1-1 of c_w (M, len) against the bank c_r_t (len, np) and div (np,), np a multiple of
+// LANES, n real rows; L > 0: len == L, known at compile time
+template <int L>
+static void rows(const float* cw, const float* crt, const float* dv, int64_t b0, int64_t b1, int64_t n,
+                 int64_t np, int64_t len, int nan1, float* best, int64_t* kout) {
+    const int64_t ll = L > 0 ? L : len;
+    vi lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    const vf inf = bcast(__builtin_inff());
+    for (int64_t b = b0; b < b1; b++) {
+        const float* w = cw + b * ll;
+        vf bv = inf;
+        vi bk = {};
+        for (int64_t n0 = 0; n0 < np; n0 += LANES) {
+            const vf r0 = load(crt + n0);
+            vf dot = bcast(w[0]) * r0;
+            for (int64_t l = 1; l < ll; l++) dot = dot + bcast(w[l]) * load(crt + l * np + n0);
+            vf a = dot / load(dv + n0);
+            if (nan1) a = pick(a != a, bcast(1.0f), a);
+            vf res = vabs(a * r0 - bcast(w[0]));
+            for (int64_t l = 1; l < ll; l++) res = res + vabs(a * load(crt + l * np + n0) - bcast(w[l]));
+            const vi idx = lane + (int32_t)n0;
+            if (n0 + LANES > n) res = pick(idx < (int32_t)n, res, inf);  // padding lanes never win
+            const vi better = res < bv;  // strict: a lane keeps its earliest index among equals
+            bv = pick(better, res, bv);
+            bk = pick(better, idx, bk);
+        }
+        float r = bv[0];
+        int32_t k = bk[0];
+        for (int i = 1; i < LANES; i++)
+            if (bv[i] < r || (bv[i] == r && bk[i] < k)) { r = bv[i]; k = bk[i]; }
+        best[b] = r;
+        kout[b] = k;
+    }
+}
+
+extern "C" int mess_fused_search(const float* cw, const float* crt, const float* dv, int64_t b0, int64_t b1,
+                                 int64_t n, int64_t np, int64_t len, int nan1, float* best, int64_t* kout) {
+    if (np % LANES || n > np || n >= (int64_t)1 << 31 || len < 1) return 1;
+    switch (len) {
+        case 8: rows<8>(cw, crt, dv, b0, b1, n, np, len, nan1, best, kout); break;
+        case 9: rows<9>(cw, crt, dv, b0, b1, n, np, len, nan1, best, kout); break;
+        case 18: rows<18>(cw, crt, dv, b0, b1, n, np, len, nan1, best, kout); break;
+        default: rows<0>(cw, crt, dv, b0, b1, n, np, len, nan1, best, kout);
+    }
+    return 0;
+}
+"""
+
+_compiled: dict[str, Callable | None] = {}  # kernel name -> the built fused kernel; None: building it failed
+
+
+def _kernel_name(device: torch.device) -> str:
+    return "c++" if device.type == "cpu" and FUSED_CPU_KERNEL == "c++" else f"inductor-{device.type}"
+
+
+def fused_kernel(device: torch.device) -> Callable | None:
+    """The fused kernel for ``device``, built at its first use; None once building it failed.
+
+    CPU: ``_CPU_KERNEL_SOURCE`` compiled by the system's C++ compiler (0.3 s) and called through
+    ctypes. Other devices (CUDA), or ``FUSED_CPU_KERNEL = "inductor"``: ``fused_residual_argmin``
+    under ``torch.compile`` (Triton on CUDA), which compiles at its first call for each vector
+    length L (seconds; Inductor's disk cache makes later processes faster) and never again for
+    other block or bank sizes: shapes are dynamic.
+    """
+    name = _kernel_name(device)
+    if name not in _compiled:
+        try:
+            _compiled[name] = _build_cpu_kernel() if name == "c++" else _build_compiled()
+        except Exception as e:  # no compiler: never fatal
+            _fused_failed(name, e)
+    return _compiled[name]
+
+
+def _build_cpu_kernel() -> Callable:
+    """``_CPU_KERNEL_SOURCE`` built into a shared library in a temporary folder (with ``-march=native``
+    where the compiler takes it) and loaded; ctypes lets go of the GIL during each call."""
+    import ctypes
+    import shlex
+    import shutil
+    import subprocess
+    import tempfile
+    cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if not cxx or not shutil.which(shlex.split(cxx)[0]):
+        raise RuntimeError(f"no C++ compiler found ({'CXX=' + cxx if cxx else 'g++, c++, clang++'})")
+    with tempfile.TemporaryDirectory(prefix="mess-kernel-", ignore_cleanup_errors=True) as tmp:
+        src, lib = os.path.join(tmp, "kernel.cpp"), os.path.join(tmp, "kernel.so")
+        with open(src, "w") as f:
+            f.write(_CPU_KERNEL_SOURCE)
+        for arch in (["-march=native"], []):
+            p = subprocess.run([*shlex.split(cxx), *arch, "-O3", "-ffp-contract=off", "-shared", "-fPIC", src,
+                                "-o", lib], capture_output=True, text=True)
+            if p.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cxx} failed: {(p.stderr.strip().splitlines() or [''])[0]}")
+        fn = ctypes.CDLL(lib).mess_fused_search
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+    return fn
+
+
+def _build_compiled() -> Callable:
+    _quiet_cpp_extension_import()
+    # no fused multiply-add (C++: -ffp-contract=off; Triton: no fp fusion): every product and sum
+    # rounds on its own, as in the plain path's eager ops, so that both pick the same k
+    return torch.compile(fused_residual_argmin, dynamic=True, options={
+        "cpp.enable_floating_point_contract_flag": "off", "emulate_precision_casts": True})
+
+
+def _fused_failed(name: str, e: Exception) -> None:
+    """Never fatal: one line on stderr, and the plain search from now on in this process."""
+    _compiled[name] = None
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    print(f"warning: fused search unavailable ({name} kernel: {type(e).__name__}: {why}); "
+          f"using the plain search", file=sys.stderr)
+
+
+def _quiet_cpp_extension_import():
+    """Inductor imports torch.utils.cpp_extension, which logs a warning about CUDA_HOME on a
+    machine without CUDA; the search builds no extension, so that line is only noise."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    import logging
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.setLevel(level)
+
+
+def use_fused(fused: bool | None, pairs: int, device: torch.device) -> bool:
+    """Whether a search of ``pairs`` (target, bank row) pairs on ``device`` runs fused: as
+    ``fused`` says when given, else as the environment's MESS_SEARCH says (``auto``, the
+    default, fuses from FUSED_MIN_PAIRS pairs on); never once building the kernel failed."""
+    if fused is None:
+        mode = os.environ.get(SEARCH_ENV, "").strip().lower() or "auto"
+        if mode not in ("auto", "fused", "plain"):
+            raise UserError(f"{SEARCH_ENV}={mode}: choose auto, fused or plain")
+        fused = pairs >= FUSED_MIN_PAIRS.get(device.type, 2**34) if mode == "auto" else mode == "fused"
+    return bool(fused) and _compiled.get(_kernel_name(device), True) is not None
+
+
+def fused_search(c_w: torch.Tensor, c_r_t: torch.Tensor, div: torch.Tensor, nan1: bool = False,
+                 budget_bytes: int = BUDGET_BYTES,
+                 workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(best residual, k) of every target (M, L) against the bank (c_r_t (L, N), div (N,)) by the
+    fused kernel, on the tensors' device. CPU: the C++ kernel on ``workers`` threads (default:
+    torch's), a few thousand targets per task, balanced as they finish. CUDA: the compiled
+    kernel, as few blocks as ``budget_bytes`` allows. None where the kernel cannot be built,
+    after a one-line warning on stderr the first time: the caller runs the plain search.
+    """
+    device = c_w.device
+    kernel = fused_kernel(device)
+    if kernel is None:
+        return None
+    c_w, c_r_t, div = c_w.float().contiguous(), c_r_t.float().contiguous(), div.float().contiguous()
+    if _kernel_name(device) == "c++":
+        return _cpu_fused(kernel, c_w, c_r_t, div, nan1, workers or torch.get_num_threads())
+    m, n = c_w.shape[0], c_r_t.shape[1]
+    if n == 1:  # a size-1 dimension would compile once more, as a constant; a duplicate row ties and loses
+        c_r_t, div = c_r_t.repeat(1, 2), div.repeat(2)
+    if m == 0:
+        return torch.empty(0, device=device), torch.empty(0, dtype=torch.int64, device=device)
+    step = max(2, block_size(n, device, budget_bytes, fused=True))
+    parts = []
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            for s in range(0, m, step):
+                cw = c_w[s:s + step].detach()  # not a view: a view would compile once more
+                b = cw.shape[0]
+                r_b, k_b = kernel(cw.repeat(2, 1) if b == 1 else cw, c_r_t, div, nan1)
+                parts.append((r_b[:b], k_b[:b]))
+    except Exception as e:  # no C++ compiler, no Triton, an unsupported backend: never fatal
+        _fused_failed(_kernel_name(device), e)
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    with _single_threaded_ops() if device.type == "cpu" else nullcontext():  # see search()
+        return torch.cat([r for r, _ in parts]), torch.cat([k for _, k in parts])
+
+
+def _cpu_fused(kernel: Callable, c_w: torch.Tensor, c_r_t: torch.Tensor, div: torch.Tensor, nan1: bool,
+               workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ kernel over all targets: the bank padded to whole vectors, rows in tasks of about
+    CPU_FUSED_CHUNK_PAIRS pairs on a pool of ``workers`` threads (ctypes releases the GIL)."""
+    (m, length), n = c_w.shape, c_r_t.shape[1]
+    np_ = -(-n // _CPU_LANES) * _CPU_LANES
+    crt = torch.zeros(length, np_)
+    crt[:, :n] = c_r_t
+    dv = torch.ones(np_)
+    dv[:n] = div
+    best, k = torch.empty(m), torch.empty(m, dtype=torch.int64)
+    step = max(16, CPU_FUSED_CHUNK_PAIRS // np_)
+
+    def run(s):
+        if kernel(c_w.data_ptr(), crt.data_ptr(), dv.data_ptr(), s, min(m, s + step), n, np_, length,
+                  int(nan1), best.data_ptr(), k.data_ptr()):
+            raise ValueError(f"the fused kernel refused a bank of {n} rows of length {length}")
+
+    starts = range(0, m, step)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(workers, len(starts))) as pool:
+            list(pool.map(run, starts))
+    else:
+        for s in starts:
+            run(s)
+    return best, k
+
+
 def search(bank: torch.Tensor, targets: torch.Tensor, *, beta: bool = True, eps_mode: str | None = None,
            eps: float = EPS, device: torch.device | None = None, budget_bytes: int = BUDGET_BYTES,
-           residual_fn: Callable | None = None) -> SearchResult:
+           residual_fn: Callable | None = None, fused: bool | None = None) -> SearchResult:
     """Best affine fit of every target row against every bank row (DESIGN.md section 1).
 
-    bank (N, L), targets (M, L). Targets go in blocks against the whole bank: the alphas of
-    a block are one matrix product of centred vectors, the residual and argmin one call of
-    ``residual_fn``. Zero-variance bank rows get alpha 0 (or what ``eps_mode`` says), never
+    bank (N, L), targets (M, L). Targets go in blocks against the whole bank. Fused path
+    (``fused_search``): one compiled kernel per block computes alpha, residual and argmin of
+    every pair. Plain path: eager ops on (block, N) tensors, ``block_alpha`` then the residual
+    and argmin by ``residual_fn`` (default ``residual_argmin``).
+    ``fused``: True or False picks the path, None lets ``use_fused`` decide (MESS_SEARCH,
+    problem size); a ``residual_fn`` implies the plain path, a failed compilation falls back
+    to it. Both paths round every operation alike, so they give the same k (ties: smallest
+    index) and residual bit for bit; alpha and beta of the chosen row are then computed row by
+    row, the same way. Zero-variance bank rows get alpha 0 (or what ``eps_mode`` says), never
     NaN. Results come back on the CPU.
-    """
-    residual_fn = residual_fn or residual_argmin
-    device = torch.device(device) if device is not None else bank.device
-    R = bank.detach().to(device, torch.float32)
-    T = targets.detach().to(device, torch.float32)
-    n, m = R.shape[0], T.shape[0]
-    if n == 0:
-        raise ValueError("empty bank")
-    if beta:
-        c_r, m_r = centre(R)
-        c_w, m_w = centre(T)
-    else:
-        c_r, m_r = R.clone(), None
-        c_w, m_w = T, None
-    denom = (c_r * c_r).sum(1)
-    zero = denom == 0  # constant rows, or rows whose squared norm underflows
-    c_r[zero] = 0  # so their dot products are exactly 0: alpha becomes 0/denom, never x/0
-    if eps_mode is None:
-        div = torch.where(zero, torch.ones_like(denom), denom)
-    elif eps_mode == "add":
-        div = denom + eps
-    elif eps_mode == "replace":
-        div = torch.where(zero, torch.full_like(denom, eps), denom)
-    elif eps_mode == "nan1":
-        div = denom
-    else:
-        raise ValueError(f"unknown eps_mode {eps_mode!r}")
-    c_r_mat = c_r.T.contiguous()  # (L, N): serves the matmul and the per-position residual rows
 
+    On CPU the row-wise work runs single-threaded (intra-op threads would meet at a barrier
+    after each small op, which stalls whenever the cores are shared: 10-30x seen); the bank
+    search uses all of torch's threads, each taking blocks of targets as it finishes one.
+    """
+    device = torch.device(device) if device is not None else bank.device
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    rowwise = _single_threaded_ops if device.type == "cpu" else nullcontext
+    with rowwise():
+        R = bank.detach().to(device, torch.float32)
+        T = targets.detach().to(device, torch.float32)
+        n, m = R.shape[0], T.shape[0]
+        if n == 0:
+            raise ValueError("empty bank")
+        if beta:
+            c_r, m_r = centre(R)
+            c_w, m_w = _by_rows(centre, threads, T)
+        else:
+            c_r, m_r = R.clone(), None
+            c_w, m_w = T, None
+        denom = (c_r * c_r).sum(1)
+        zero = denom == 0  # constant rows, or rows whose squared norm underflows
+        c_r[zero] = 0  # so their dot products are exactly 0: alpha becomes 0/denom, never x/0
+        if eps_mode is None:
+            div = torch.where(zero, torch.ones_like(denom), denom)
+        elif eps_mode == "add":
+            div = denom + eps
+        elif eps_mode == "replace":
+            div = torch.where(zero, torch.full_like(denom, eps), denom)
+        elif eps_mode == "nan1":
+            div = denom
+        else:
+            raise ValueError(f"unknown eps_mode {eps_mode!r}")
+        c_r_mat = c_r.T.contiguous()  # (L, N): one contiguous row of the bank per position
+    found = None
+    if residual_fn is None and use_fused(fused, m * n, device):
+        found = fused_search(c_w, c_r_mat, div, eps_mode == "nan1", budget_bytes, threads)
+    if found is None:
+        found = _plain_search(c_w, c_r_mat, div, eps_mode, budget_bytes, residual_fn or residual_argmin,
+                              threads)
+    r_out, k_out = found
+
+    def fit(c_w, k, m_w=None):
+        # the chosen alphas once more, row by row: unlike the blocks', their rounding does not
+        # depend on the path or the block size: reproducible bit for bit
+        alpha = (c_w * c_r.index_select(0, k)).sum(1).div_(div[k])
+        if eps_mode == "nan1":
+            alpha.masked_fill_(alpha.isnan(), 1.0)
+        return (alpha, m_w - alpha * m_r[k]) if beta else (alpha,)
+
+    with rowwise():
+        a_out, *b_out = _by_rows(fit, threads, c_w, k_out, *([m_w] if beta else []))
+        return SearchResult(k_out.cpu(), a_out.cpu(), b_out[0].cpu() if beta else None, r_out.cpu())
+
+
+ROW_CHUNK = 2**16  # rows per task of the row-wise work on CPU
+
+
+def _by_rows(fn: Callable, workers: int, *xs: torch.Tensor):
+    """``fn(*xs)`` for a row-wise ``fn``, by chunks of ROW_CHUNK rows on ``workers`` threads on CPU
+    (each op single-threaded: call it under ``_single_threaded_ops``). The same rows come out
+    whatever the chunks: torch reduces each row alike, however many there are."""
+    m = xs[0].shape[0]
+    if workers <= 1 or m <= ROW_CHUNK or xs[0].device.type != "cpu":
+        return fn(*xs)
+    starts = range(0, m, ROW_CHUNK)
+    with ThreadPoolExecutor(min(workers, len(starts))) as pool:
+        parts = list(pool.map(lambda s: fn(*(x[s:s + ROW_CHUNK] for x in xs)), starts))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def _plain_search(c_w: torch.Tensor, c_r_mat: torch.Tensor, div: torch.Tensor, eps_mode: str | None,
+                  budget_bytes: int, residual_fn: Callable,
+                  workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best residual, k) of every target by the plain path: per block ``block_alpha``, then
+    ``residual_fn``; on CPU ``workers`` threads take one block each."""
+    device = c_w.device
+    m, n = c_w.shape[0], c_r_mat.shape[1]
     k_out = torch.empty(m, dtype=torch.int64, device=device)
     r_out = torch.empty(m, dtype=torch.float32, device=device)
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
     step = block_size(n, device, budget_bytes // workers)
 
     def run_block(s):
         cw = c_w[s:s + step]
-        alpha = torch.mm(cw, c_r_mat).div_(div)
-        if eps_mode == "nan1":
-            alpha.masked_fill_(alpha.isnan(), 1.0)  # 0/0 of a zero-variance row
+        alpha = block_alpha(cw, c_r_mat, div, eps_mode == "nan1")
         r_out[s:s + step], k_out[s:s + step] = residual_fn(alpha, c_r_mat, cw)
 
     starts = range(0, m, step)
-    if workers > 1:
+    if workers > 1 and len(starts) > 1:
         # CPU: one block per thread, each op single-threaded. Intra-op threads would meet at a
         # barrier after every small op, which stalls whenever the cores are shared (10x seen).
         with _single_threaded_ops(), ThreadPoolExecutor(min(workers, len(starts))) as pool:
             list(pool.map(run_block, starts))
     else:
-        for s in starts:
-            run_block(s)
-    # the chosen alphas once more, row by row: unlike the blocked matmul's, their rounding does
-    # not depend on the block size or the BLAS kernel, so results are reproducible bit for bit
-    a_out = (c_w * c_r[k_out]).sum(1).div_(div[k_out])
-    if eps_mode == "nan1":
-        a_out.masked_fill_(a_out.isnan(), 1.0)
-    b_out = m_w - a_out * m_r[k_out] if beta else None
-    return SearchResult(k_out.cpu(), a_out.cpu(), None if b_out is None else b_out.cpu(), r_out.cpu())
+        with _single_threaded_ops() if device.type == "cpu" else nullcontext():
+            for s in starts:
+                run_block(s)
+    return r_out, k_out
 
 
 def reconstruct(bank: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None):
@@ -262,13 +598,21 @@ class PathPlan:
     transforms: int = 1
 
 
+def _in_width(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
 def _conv_list(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]  # forward order
 
 
 def plan_layers(model: nn.Module, arch: str, *, bind: int = 1, transforms: int = 1, pointwise: bool = True,
-                pw_bind: int = 8) -> dict[str, PathPlan | None]:
+                pw_bind: int = 8, fc: bool = False) -> dict[str, PathPlan | None]:
     """Bank and target layers of both paths (DESIGN.md section 2), found by module traversal.
+
+    ``fc`` (--fc) adds every fully connected layer to the pointwise path as a target, its (O, I)
+    weight cut like a 1x1 conv's; without 1x1 convs (or with ``pointwise=False``, --np) the first
+    FC layer is the bank.
 
     Raises ``UserError`` when ``bind`` (v2.5's -d) does not divide the channels a covered
     layer binds, or when ``pw_bind`` (-pwd) is wider than the pointwise bank layer.
@@ -303,15 +647,19 @@ def plan_layers(model: nn.Module, arch: str, *, bind: int = 1, transforms: int =
         if targets:
             plans["kernel"] = PathPlan("kernel", bank_name, targets, bind, transforms)
 
-    k1 = [(n, m) for n, m in convs if m.kernel_size == (1, 1) and m.groups == 1]
-    if pointwise and len(k1) > 1:
+    k1 = [(n, m) for n, m in convs if m.kernel_size == (1, 1) and m.groups == 1] if pointwise else []
+    fcs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)] if fc else []
+    rows = k1 + fcs  # (O, I) matrices: 1x1 convs in forward order, then the FC layers
+    if len(rows) > 1:
         if pw_bind < 1:
             raise UserError(f"-pwd/--pw-bind-size must be at least 1, got {pw_bind}")
-        bank_name, bank = k1[0]
-        if bank.in_channels < pw_bind:
-            raise UserError(f"-pwd {pw_bind} is wider than the {bank.in_channels} input channels of the "
-                            f"pointwise bank layer {bank_name}; use -pwd {bank.in_channels} or less, or --np")
-        targets = [n for n, m in k1[1:] if m.in_channels >= pw_bind]
+        bank_name, bank = rows[0]
+        width = _in_width(bank)
+        if width < pw_bind:
+            what = "input features" if isinstance(bank, nn.Linear) else "input channels"
+            raise UserError(f"-pwd {pw_bind} is wider than the {width} {what} of the pointwise bank layer "
+                            f"{bank_name}; use -pwd {width} or less" + ("" if fc else ", or --np"))
+        targets = [n for n, m in rows[1:] if _in_width(m) >= pw_bind]
         if targets:
             plans["pointwise"] = PathPlan("pointwise", bank_name, targets, pw_bind)
     return plans
@@ -326,7 +674,7 @@ class Compressed:
 
 
 def compress(model: nn.Module, arch: str, version: str, *, qb: int = 8, qba: int = 8, qbb: int = 8,
-             bind_size: int = 2, pw_bind_size: int = 8, np: bool = False,
+             bind_size: int = 2, pw_bind_size: int = 8, np: bool = False, fc: bool = False,
              device: torch.device | None = None, budget_bytes: int = BUDGET_BYTES) -> Compressed:
     """Run the search of ``version`` on every covered layer of ``model``; the model is not changed.
 
@@ -337,7 +685,7 @@ def compress(model: nn.Module, arch: str, version: str, *, qb: int = 8, qba: int
     for bits, flag in ((qb, "--qb"), (qba, "--qba"), (qbb, "--qbb")):
         check_bits(bits, flag)
     plans = plan_layers(model, arch, bind=bind_size if spec.bind else 1, transforms=spec.transforms,
-                        pointwise=not np, pw_bind=pw_bind_size)
+                        pointwise=not np, pw_bind=pw_bind_size, fc=fc)
     if plans["kernel"] is None and plans["pointwise"] is None:
         raise UserError(f"{arch} has no layer MESS can cover")
     orig = model.state_dict()
@@ -347,7 +695,7 @@ def compress(model: nn.Module, arch: str, version: str, *, qb: int = 8, qba: int
     qa, qbeta = (qba, qbb if spec.beta else None) if spec.quant_ab else (None, None)
 
     mess = {"version": spec.name, "weight_bits": qb if spec.quant_weights else None,
-            "alpha_bits": qa, "beta_bits": qbeta, "eps": EPS if spec.eps_mode else None,
+            "alpha_bits": qa, "beta_bits": qbeta, "eps": EPS if spec.eps_mode else None, "fc": fc,
             "kernel": None, "pointwise": None}
     rows = []
     for kind, plan in plans.items():
@@ -584,8 +932,9 @@ def output_name(stem: str, version: str, *, np: bool, qb: int, qba: int, qbb: in
 def get_args_parser():
     parser = OneLineParser(prog="find_similar_kernel.py",
                            description="Compress a trained checkpoint with MESS (writes a new checkpoint "
-                                       "beside it and prints the storage account).")
-    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + TRACK_FLAGS)
+                                       "and its packed .mess file beside it and prints the storage "
+                                       "account).")
+    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("fc",) + TRACK_FLAGS)
 
 
 def main(args):
@@ -599,20 +948,31 @@ def main(args):
               f"searching its reconstructed weights again")
     t0 = time.perf_counter()
     c = compress(model, args.arch, spec.name, qb=args.qb, qba=args.qba, qbb=args.qbb,
-                 bind_size=args.bind_size, pw_bind_size=args.pw_bind_size, np=args.np, device=device)
+                 bind_size=args.bind_size, pw_bind_size=args.pw_bind_size, np=args.np, fc=args.fc,
+                 device=device)
     seconds = time.perf_counter() - t0
     c.mess["args"] = {k: v for k, v in vars(args).items()  # never the database URL: it may hold a password
                       if isinstance(v, (str, int, float, bool, list, type(None))) and k != "mongo_url"}
-    out_path = path.with_name(output_name(
+    name = output_name(
         path.stem, spec.name, np=args.np, qb=args.qb, qba=args.qba, qbb=args.qbb, bind_size=args.bind_size,
-        pw_bind_size=args.pw_bind_size if c.mess["pointwise"] else None))
-    save_checkpoint(output_checkpoint(ckpt, c.state_dict, mess=c.mess), out_path)
+        pw_bind_size=args.pw_bind_size if c.mess["pointwise"] else None)
+    if args.fc:  # FC coverage is new: the original's names have no token for it
+        pwd = f"_pwd{args.pw_bind_size}" if args.np and args.pw_bind_size != 8 and c.mess["pointwise"] else ""
+        name = f"{name[:-len('.pth')]}{pwd}_fc.pth"
+    out_path = path.with_name(name)
+    out = output_checkpoint(ckpt, c.state_dict, mess=c.mess)
+    save_checkpoint(out, out_path)
+    from packed import SUFFIX, size_line, write_mess  # lazy: packed imports this module
+    mess_path = out_path.with_suffix(SUFFIX)
+    mess_bytes = write_mess(mess_path, out)  # the packed network, beside the checkpoint
     account = storage_account(c.state_dict, mess=c.mess)
     n_targets = sum(r["targets"] or 0 for r in c.rows)
     print_account(account, c.rows, title=f"MESS {spec.name}: {path.name}")
-    print(f"searched {n_targets:,} vectors in {seconds:.2f}s on {device}; wrote {out_path}")
+    print(f"searched {n_targets:,} vectors in {seconds:.2f}s on {device}; wrote {out_path} "
+          f"and {mess_path.name}")
+    print(size_line(mess_path, mess_bytes, c.state_dict))
     return {"path": out_path, "mess": c.mess, "account": account, "ratio": account.ratio, "rows": c.rows,
-            "seconds": seconds}
+            "seconds": seconds, "mess_path": mess_path, "mess_bytes": mess_bytes}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Train, resume, test (and later retrain) a network on CPU, one GPU or several.
+"""Train, resume, test and retrain a network on CPU, one GPU or several.
 
     python main.py cifar10 -a mobilenet -C -g 0 1 -b 256                   # train
     python main.py cifar10 -a mobilenet -C -g 0 1 -b 256 -R --ckpt ckpt_epoch_50.pth
     python main.py cifar10 -a mobilenet -E --ckpt ckpt_best.pth            # test
+    python main.py cifar10 -a mobilenet -T --ckpt ckpt_best_v2qq_q888.pth --epochs 20 --lr 0.01  # retrain
     python main.py digits -a resnet --layers 20 --epochs 8 --sched cosine  # offline quickstart
+
+Retraining (-T, -N/-s, -Q, --nl, --pl, --wclip) is retrain.py's; this file runs the loop.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from rich.console import Console
 from tqdm import tqdm
 
 import models
-from config import check_not_yet, get_args_parser
+import retrain
+from config import get_args_parser
 from data import get_loaders, set_epoch
+from packed import load_any_checkpoint
 from utils import (
     CKPT_ROOT,
     Dist,
@@ -31,7 +36,6 @@ from utils import (
     arch_spec,
     check_arch,
     init_distributed,
-    load_checkpoint,
     load_state_dict_checked,
     resolve_ckpt,
     rng_state,
@@ -40,7 +44,6 @@ from utils import (
     select_device,
     set_rng_state,
     set_seed,
-    unwrap_model,
     wrap_model,
 )
 
@@ -58,7 +61,6 @@ class NullTracker:
 
 
 def validate_args(args) -> None:
-    check_not_yet(args)
     if args.resume and args.evaluate:
         raise UserError("-R/--resume and -E/--evaluate exclude each other")
     if (args.resume or args.evaluate) and not args.ckpt:
@@ -195,6 +197,16 @@ def describe_devices(args, device, d: Dist) -> str:
     return str(device)
 
 
+def describe_run(run, path) -> str:
+    """One line on what a retraining (or regularized) run does and where it writes."""
+    what = {"finetune": "plain fine-tuning", "quant": f"training on the {run.quant_bits}-bit grid (-Q, STE)",
+            "mess": f"retraining in MESS {run.version} form (k fixed; alpha, beta, bank trained)",
+            "free": f"the new method: free training, {run.version} search every {run.args.save_epoch} epochs",
+            "train": "training"}[run.mode]
+    src = f" from {path.name}" if path is not None and run.args.retrain else ""
+    return f"{what}{src} -> {run.file_names('N')[0]}"
+
+
 def run_header(args, model, device, ckpt_dir, d: Dist):
     from rich.table import Table
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,12 +242,15 @@ def _run(args, tracker, d: Dist):
     model, spec, ckpt_dir = build(args)
     criterion = nn.CrossEntropyLoss()
 
-    ckpt = None
-    if args.ckpt and (args.resume or args.evaluate):
+    ckpt = path = run = None
+    if args.ckpt and (args.resume or args.evaluate or args.retrain):
         path = resolve_ckpt(args.ckpt, ckpt_dir)
-        ckpt = load_checkpoint(path)
+        ckpt = load_any_checkpoint(path)  # a .mess file is read by packed.py
         check_arch(ckpt, spec, path)
         load_state_dict_checked(model, ckpt["model"], path)
+    if not args.evaluate:
+        # mode, names and parametrizations (retrain.py), with every flag error before data is read
+        run = retrain.Retrainer.create(args, model, retrain.decide(args, ckpt, path), ckpt, device, d)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -250,7 +265,7 @@ def _run(args, tracker, d: Dist):
         metrics = evaluate(net, val_loader, criterion, rt)
         line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
                 f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
-        if "mess" in ckpt:
+        if "mess" in ckpt or "quant" in ckpt:
             from find_similar_kernel import summarize
             line += "\n" + summarize(ckpt)
         console.print(line)
@@ -259,8 +274,9 @@ def _run(args, tracker, d: Dist):
                                                "seconds": round(time.time() - t0, 2)})
         return {"metrics": metrics, "ckpt_dir": ckpt_dir}
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+    optimizer = torch.optim.SGD(run.param_groups(args.weight_decay), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    run.attach(optimizer)
     start_epoch, best_acc1 = 1, -1.0  # below any accuracy: the first epoch always writes ckpt_best.pth
     if args.resume:
         if "optimizer" not in ckpt or "epoch" not in ckpt:
@@ -273,7 +289,12 @@ def _run(args, tracker, d: Dist):
         console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
 
     run_header(args, model, device, ckpt_dir, d)
-    result = {"best_acc1": best_acc1, "ckpt_dir": ckpt_dir, "history": []}
+    if run.mode != "train":
+        console.print(describe_run(run, path))
+    run.start()
+    summary_csv = ckpt_dir / run.summary_name()
+    result = {"best_acc1": best_acc1, "ckpt_dir": ckpt_dir, "history": [], "mode": run.mode,
+              "searches": run.searches, "saved": []}
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         lr = lr_at(args, epoch)
@@ -281,29 +302,39 @@ def _run(args, tracker, d: Dist):
             g["lr"] = lr
         set_epoch(shuffler, args.seed, epoch)
         row = {"epoch": epoch, "lr": lr}
-        row.update(train_one_epoch(net, train_loader, criterion, optimizer, rt, epoch, args))
+        row.update(train_one_epoch(net, train_loader, criterion, optimizer, rt, epoch, args, run.extra_loss))
+        searched = run.end_of_epoch(epoch)  # -N: the projection into MESS form, before it is evaluated
         row.update(evaluate(net, val_loader, criterion, rt))
         row["seconds"] = round(time.time() - t0, 2)
-        is_best = row["val_top1"] > best_acc1
-        best_acc1 = max(best_acc1, row["val_top1"])
+        saves = run.saves(epoch)  # -N saves (and ranks) only projected networks
+        is_best = saves and row["val_top1"] > best_acc1
+        if saves:
+            best_acc1 = max(best_acc1, row["val_top1"])
+        if run.mode == "free":
+            row["searches"] = len(run.searches)
         if d.is_main:
-            state = {"model": unwrap_model(net).state_dict(), "arch": spec, "epoch": epoch,
-                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
-                     "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
-                                   "last_epoch": epoch},
-                     "args": plain_args(args), "rng": rng_state()}
-            save_checkpoint(state, ckpt_dir / f"ckpt_epoch_{epoch}.pth")
-            if is_best:
-                save_checkpoint(state, ckpt_dir / "ckpt_best.pth")
-            append_csv(ckpt_dir / "summary.csv", row)
+            if saves:
+                state = run.state()  # plain weights, mess/quant entry, and what -R needs
+                state.update({"arch": spec, "epoch": epoch, "best_acc1": best_acc1,
+                              "optimizer": optimizer.state_dict(),
+                              "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
+                                            "last_epoch": epoch},
+                              "args": plain_args(args), "rng": rng_state()})
+                epoch_name, best_name = run.file_names(epoch)
+                save_checkpoint(state, ckpt_dir / epoch_name)
+                result["saved"].append(ckpt_dir / epoch_name)
+                if is_best:
+                    save_checkpoint(state, ckpt_dir / best_name)
+                    result["saved"].append(ckpt_dir / best_name)
+            append_csv(summary_csv, row)
             tracker.log(row, epoch)
         result["history"].append(row)
         console.print(f"epoch {epoch}/{args.epochs} lr {lr:.3g} | train {row['train_loss']:.4f} "
                       f"{row['train_top1']:.2f}% | val {row['val_loss']:.4f} {row['val_top1']:.2f}% "
                       f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s"
-                      + (" *" if is_best else ""))
+                      + (" | searched" if searched else "") + (" *" if is_best else ""))
     if d.is_main:
-        tracker.artifact(ckpt_dir / "summary.csv")
+        tracker.artifact(summary_csv)
     result["best_acc1"] = best_acc1
     return result
 

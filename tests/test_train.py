@@ -176,8 +176,3 @@ def test_resume_of_a_weights_only_checkpoint_is_refused(trained):
     torch.save(sd, p)
     rc, _, err = run_cli("main.py", *TINY, "-R", "--ckpt", p, cwd=trained)
     assert_user_error(rc, err, "not resumed")
-
-
-def test_later_features_are_refused_not_ignored(tmp_path):
-    rc, _, err = run_cli("main.py", *TINY, "--nl", cwd=tmp_path)
-    assert_user_error(rc, err, "--nl", "not available yet")

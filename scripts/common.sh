@@ -1,0 +1,80 @@
+# shellcheck shell=bash
+# Sourced by the sweep scripts: the tools, the shared settings and three helpers.
+# Every setting is an environment variable; a script sets its own defaults before sourcing this.
+#   GPUS         device flags for main.py and find_similar_kernel.py ("" = CPU)
+#   BATCH WORKERS batch size and data-loading workers of main.py
+#   MODEL_FLAGS  extra model flags for every tool (e.g. "--width-mult 0.5")
+#   MAIN_FLAGS   extra flags for main.py's training runs (e.g. "--no-track --sched cosine")
+#   DATAPATH     where the datasets are (main.py's --datapath); unset: main.py's default
+#   TRAIN        1: train the baseline ckpt_best.pth first; 0: use the one that is there
+#   NEW          1: retrain with -N -s S (the original's: search again every S epochs);
+#                0: retrain in MESS form with k fixed (DESIGN.md section 6)
+#   TABLE        the CSV the results go to (default: results/<script>.csv)
+#   PYTHON       the interpreter (default: python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+SWEEP="$(basename "$0" .sh)"
+TABLE="${TABLE:-results/$SWEEP.csv}"
+BATCH="${BATCH:-256}"
+WORKERS="${WORKERS:-4}"
+MODEL_FLAGS="${MODEL_FLAGS:-}"
+MAIN_FLAGS="${MAIN_FLAGS:-}"
+TRAIN="${TRAIN:-1}"
+NEW="${NEW:-1}"
+S="${S:-1}"
+DATA_FLAGS=()
+if [ -n "${DATAPATH:-}" ]; then DATA_FLAGS=(--datapath "$DATAPATH"); fi
+
+run_main()     { echo "+ main.py $*"; "$PYTHON" "$ROOT/main.py" "$@" "${DATA_FLAGS[@]}" $MAIN_FLAGS; }
+run_compress() { echo "+ find_similar_kernel.py $*"; "$PYTHON" "$ROOT/find_similar_kernel.py" "$@"; }
+run_quantize() { echo "+ quantize.py $*"; "$PYTHON" "$ROOT/quantize.py" "$@"; }
+# evaluate checkpoints of one model and append their rows to $TABLE: collect DATA MODEL-FLAGS... -- CKPTS...
+collect() {
+    local margs=()
+    while [ "$1" != "--" ]; do margs+=("$1"); shift; done
+    shift
+    "$PYTHON" "$ROOT/scripts/collect.py" --table "$TABLE" --sweep "$SWEEP" --ckpts "$@" -- \
+        "${margs[@]}" $GPUS -j "$WORKERS" -b "$BATCH" "${DATA_FLAGS[@]}"
+}
+show_table() { "$PYTHON" "$ROOT/scripts/collect.py" --show "$TABLE"; }
+
+# "--layers N" for the architectures that have depths, nothing for the others
+depths() { case "$1" in resnet|vgg|wideresnet) echo "$LAYERS" ;; *) echo "-" ;; esac; }
+layer_flags() { if [ "$2" = "-" ]; then echo ""; else echo "--layers $2"; fi; }
+
+# retraining flags and the suffix they add to checkpoint names (-N: _s<S>, as the original's)
+if [ "$NEW" = 1 ]; then RT_NEW=(-N -s "$S"); RT_SFX="_s$S"; else RT_NEW=(); RT_SFX=""; fi
+
+# drop the per-epoch files of a run, keeping _best (the original's rm -f checkpoint/*/*/..._epoch_*.pth)
+clean_epochs() { rm -f checkpoint/*/"$1"/"$2"_epoch_*.pth; }
+
+# the baseline: trained here (TRAIN=1) or expected in checkpoint/<model>/<data>/ckpt_best.pth
+train_baseline() {
+    local data="$1"; shift
+    if [ "$TRAIN" = 1 ]; then
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" ${LR:+--lr "$LR"}
+        clean_epochs "$data" ckpt
+    fi
+}
+
+# One model: plain quantization and v2qq at each bit width of $QBS, each retrained (-T -Q and -T), all
+# evaluated with the float baseline into $TABLE. quant_vs_v2qq DATA MODEL-FLAGS...
+quant_vs_v2qq() {
+    local data="$1"; shift
+    local ckpts=(ckpt_best.pth) qb
+    for qb in $QBS; do
+        run_quantize "$data" "$@" --ckpt ckpt_best.pth --qb "$qb"
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+            -T -Q --qb "$qb" --ckpt "ckpt_best_q$qb.pth"
+        clean_epochs "$data" "ckpt_rt1_q$qb"
+        run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v v2qq --qb "$qb"
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+            -T --ckpt "ckpt_best_v2qq_q${qb}88.pth" "${RT_NEW[@]}" -v v2qq --qb "$qb"
+        clean_epochs "$data" "ckpt_rt1_v2qq_q${qb}88$RT_SFX"
+        ckpts+=("ckpt_best_q$qb.pth" "ckpt_rt1_q${qb}_best.pth"
+                "ckpt_best_v2qq_q${qb}88.pth" "ckpt_rt1_v2qq_q${qb}88${RT_SFX}_best.pth")
+    done
+    collect "$data" "$@" -- "${ckpts[@]}"
+}

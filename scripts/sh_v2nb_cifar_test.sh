@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# v2nb (no beta) on trained CIFAR ResNets: compress ckpt_best.pth, retrain (-T), and evaluate the float,
+# compressed and retrained networks side by side in results/sh_v2nb_cifar_test.csv.
+#
+#   bash scripts/sh_v2nb_cifar_test.sh            # the original's sweep (its baselines: TRAIN=0, ckpt_best.pth)
+#   DATA=digits LAYERS=20 EPOCHS=1 RT_EPOCHS=1 GPUS= TRAIN=1 bash scripts/sh_v2nb_cifar_test.sh
+#
+# Settings (environment): DATA ARCH LAYERS QBS EPOCHS RT_EPOCHS RT_LR GPUS, and those of scripts/common.sh.
+DATA="${DATA:-cifar10 cifar100}"
+ARCH="${ARCH:-resnet}"
+LAYERS="${LAYERS:-20 32 44 56 110}"
+QBS="${QBS:-8}"               # the bank's bits (v2nb quantizes like v2qq, without beta)
+EPOCHS="${EPOCHS:-200}"
+RT_EPOCHS="${RT_EPOCHS:-200}"
+RT_LR="${RT_LR:-0.01}"
+GPUS="${GPUS-"-C -g 0"}"
+TRAIN="${TRAIN:-0}"
+S="${S:-1}"
+source "$(dirname "$0")/common.sh"
+
+for data in $DATA; do
+    for arch in $ARCH; do
+        for layer in $(depths "$arch"); do
+            m=(-a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS)
+            train_baseline "$data" "${m[@]}"
+            ckpts=(ckpt_best.pth)
+            for qb in $QBS; do
+                run_compress "$data" "${m[@]}" $GPUS --ckpt ckpt_best.pth -v v2nb --qb "$qb"
+                run_main "$data" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
+                    -T --ckpt "ckpt_best_v2nb_q${qb}8.pth" "${RT_NEW[@]}" -v v2nb
+                clean_epochs "$data" "ckpt_rt1_v2nb_q${qb}8$RT_SFX"
+                ckpts+=("ckpt_best_v2nb_q${qb}8.pth" "ckpt_rt1_v2nb_q${qb}8${RT_SFX}_best.pth")
+            done
+            collect "$data" "${m[@]}" -- "${ckpts[@]}"
+        done
+    done
+done
+show_table

@@ -1,0 +1,510 @@
+"""The packed .mess format (packed.py): round trips of every version, path and architecture with and
+without --fc, the file size against the storage account, evaluation from a .mess file with main.py -E,
+and a reader that turns truncated, corrupt or hostile files into one clear line."""
+import contextlib
+import json
+import math
+import os
+import resource
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_cli, run_main
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import find_similar_kernel as fsk
+import models
+import packed
+from config import VERSIONS
+from utils import UserError, save_checkpoint
+
+ARCHS = {  # arch: (layers, -pwd): small widths; -pwd 2 fits ResNet-20's 4-channel 1x1 shortcut at width 0.25
+    "resnet": (20, 2), "mobilenet": (16, 8), "mobilenetv2": (16, 8), "vgg": (11, 8)}
+HEADER_LIMIT = 64 * 2**10
+
+
+def make_model(arch, width_mult=0.25, dataset="cifar10", seed=0):
+    torch.manual_seed(seed)
+    layers = ARCHS[arch][0]
+    m = models.build_model(arch, dataset, layers, width_mult)
+    for mod in m.modules():  # non-trivial BN statistics and biases, so that they must survive the trip
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.num_batches_tracked.fill_(7)
+        if isinstance(mod, torch.nn.Linear):
+            torch.nn.init.normal_(mod.bias, 0, 0.1)
+    return m.eval()
+
+
+def spec(arch, width_mult=0.25, dataset="cifar10"):
+    return {"arch": arch, "layers": ARCHS[arch][0], "width_mult": width_mult, "bn": False, "dataset": dataset,
+            "num_classes": 10}
+
+
+_MODELS = {}
+
+
+def compressed(arch, version, fc):
+    """(float model, MESS checkpoint dict) of a tiny model, cached per arch."""
+    if arch not in _MODELS:
+        _MODELS[arch] = make_model(arch)
+    m = _MODELS[arch]
+    c = fsk.compress(m, arch, version, pw_bind_size=ARCHS[arch][1], fc=fc)
+    return m, {"model": c.state_dict, "mess": c.mess, "arch": spec(arch), "epoch": 3}
+
+
+def logits(arch, sd, x):
+    m = models.build_model(arch, "cifar10", ARCHS[arch][0], 0.25)
+    m.load_state_dict(sd)
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+def assert_same_ckpt(back, ck):
+    assert list(back["model"]) == list(ck["model"])
+    for k, v in ck["model"].items():
+        assert packed._same(back["model"][k], v), k
+    for kind in ("kernel", "pointwise"):
+        a, b = ck["mess"][kind], back["mess"][kind]
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        for key in ("bank", "kind", "bind", "transforms", "vector_length", "bank_size", "index_bits"):
+            assert a[key] == b[key], key
+        assert list(a["layers"]) == list(b["layers"])
+        for t, e in a["layers"].items():
+            f = b["layers"][t]
+            assert torch.equal(e["k"], f["k"]) and torch.equal(e["alpha"], f["alpha"])
+            assert ("beta" in e) == ("beta" in f) and (("beta" not in e) or torch.equal(e["beta"], f["beta"]))
+    for key in ("version", "weight_bits", "alpha_bits", "beta_bits", "eps", "fc"):
+        assert back["mess"][key] == ck["mess"][key], key
+
+
+# ---------------------------------------------------------------- --fc: which layers
+@pytest.mark.parametrize("arch,dataset,layers,flags,bank,targets", [
+    # a pointwise bank (first 1x1 conv) exists: the FC layers join its targets
+    ("resnet", "cifar10", 20, {"pw_bind": 2}, "layer2.0.downsample.0", ["layer3.0.downsample.0", "fc"]),
+    ("mobilenetv2", "cifar10", 16, {}, "features.1.conv.1", ["features.18.0", "classifier.1"]),
+    ("resnet", "imagenet", 50, {}, "layer1.0.conv1", ["layer4.2.conv3", "fc"]),
+    # no 1x1 conv (or --np): the first FC layer's windows are the bank
+    ("vgg", "cifar10", 11, {}, "classifier.0", ["classifier.3", "classifier.6"]),
+    ("vgg", "imagenet", 16, {"pointwise": False}, "classifier.0", ["classifier.3", "classifier.6"]),
+    ("mobilenet", "cifar10", 16, {"pointwise": False}, None, None),  # one FC layer: nothing to match
+])
+def test_fc_layers_join_the_pointwise_path(arch, dataset, layers, flags, bank, targets):
+    model = models.build_model(arch, dataset, layers, 0.25)
+    without = fsk.plan_layers(model, arch, **flags)["pointwise"]
+    plan = fsk.plan_layers(model, arch, fc=True, **flags)["pointwise"]
+    if bank is None:
+        assert plan is None
+        return
+    assert plan.bank == bank and plan.kind == "pointwise"
+    assert plan.targets[-len(targets):] == targets  # the FC layers come last
+    assert plan.targets[:len(plan.targets) - sum(t.startswith(("fc", "classifier")) for t in targets)] == (
+        without.targets if without else [])
+
+
+def test_fc_bank_narrower_than_pwd_is_refused():
+    model = models.build_model("vgg", "cifar10", 11, 0.25)  # classifier.0 takes 128 features
+    with pytest.raises(UserError, match="-pwd 256 is wider than the 128 input features of the pointwise bank "
+                                        "layer classifier.0; use -pwd 128 or less$"):
+        fsk.plan_layers(model, "vgg", fc=True, pw_bind=256)
+
+
+# ---------------------------------------------------------------- bit streams
+def test_bit_streams_round_trip(monkeypatch):
+    monkeypatch.setattr(packed, "CHUNK_BITS", 96)  # many chunks, each starting mid-byte
+    rng = np.random.default_rng(0)
+    w, ref = packed.BitWriter(), []
+    for width in [0, 1, 3, 4, 7, 8, 9, 12, 16, 23, 33, 5, 0, 2]:
+        v = rng.integers(0, 2**width, int(rng.integers(0, 300)), dtype=np.uint64)
+        w.write(v, width)
+        ref.append((v, width))
+    buf = w.getvalue()
+    assert w.nbits == sum(len(v) * b for v, b in ref)
+    assert buf.dtype == np.uint8 and len(buf) == (w.nbits + 7) // 8
+    off = 0
+    for v, width in ref:
+        assert np.array_equal(packed.read_bits(buf, off, len(v), width), v)
+        off += len(v) * width
+
+
+# ---------------------------------------------------------------- round trips
+@pytest.mark.parametrize("fc", [False, True], ids=["nofc", "fc"])
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_round_trip_logits_and_size(one_thread, arch, version, fc):
+    m, ck = compressed(arch, version, fc)
+    mess = ck["mess"]
+    paths = [k for k in ("kernel", "pointwise") if mess[k]]
+    assert "kernel" in paths and ("pointwise" in paths) == (arch != "vgg" or fc)
+    if fc:
+        fcs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+        p = mess["pointwise"]
+        assert set(fcs) - {p["bank"]} <= set(p["layers"])
+    buf = packed.pack(ck)
+    back = packed.unpack(buf)
+    assert_same_ckpt(back, ck)
+    assert back["arch"] == ck["arch"] and back["epoch"] == 3
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(arch, back["model"], x), logits(arch, ck["model"], x))
+    # size: exactly the account's bits in whole bytes after a header that does not grow with the weights
+    acc = fsk.storage_account(ck["model"], mess)
+    header = back["packed"]["header_bytes"]
+    assert len(buf) - header == math.ceil(acc.mess_bits / 8)
+    assert header < HEADER_LIMIT and len(buf) <= 1.01 * acc.mess_bits / 8 + HEADER_LIMIT
+
+
+def test_float_and_plain_quantized_checkpoints_pack_too():
+    m = make_model("mobilenet")
+    sd = m.state_dict()
+    back = packed.unpack(packed.pack({"model": sd, "arch": spec("mobilenet")}))
+    assert all(torch.equal(back["model"][k], v) for k, v in sd.items()) and "mess" not in back
+    from quantize import conv_layers, quantize_layers
+    q = {k: v.clone() for k, v in sd.items()}
+    scales = quantize_layers(q, conv_layers(m), 6)
+    ck = {"model": q, "quant": {"bits": 6, "scales": scales}}
+    buf = packed.pack(ck)
+    back = packed.unpack(buf)
+    assert all(packed._same(back["model"][k], v) for k, v in q.items())
+    assert back["quant"]["bits"] == 6 and set(back["quant"]["scales"]) == set(scales)
+    acc = fsk.storage_account(q, quant=ck["quant"])
+    assert len(buf) - back["packed"]["header_bytes"] == math.ceil(acc.mess_bits / 8)
+
+
+def test_constant_tensors_and_scale_zero():
+    """A constant tensor has scale 0 (quantize.linear_quantize): it is stored as its value with q = 1."""
+    m, ck = compressed("resnet", "v2qq", False)
+    ck = {**ck, "model": dict(ck["model"])}
+    e = ck["mess"]["kernel"]["layers"]["layer1.0.conv1"]
+    alpha = torch.full_like(e["alpha"], -0.375)
+    ck["mess"] = {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
+        **ck["mess"]["kernel"]["layers"], "layer1.0.conv1": {**e, "alpha": alpha, "alpha_scale": 0.0}}}}
+    vec = fsk.reconstruct(fsk.bank_vectors(ck["model"]["conv1.weight"], "kernel"), e["k"], alpha, e["beta"])
+    key = "layer1.0.conv1.weight"
+    ck["model"][key] = fsk.put_vectors(ck["model"][key], vec, "kernel")
+    back = packed.unpack(packed.pack(ck))
+    assert torch.equal(back["model"]["layer1.0.conv1.weight"], ck["model"]["layer1.0.conv1.weight"])
+    assert back["mess"]["kernel"]["layers"]["layer1.0.conv1"]["alpha_scale"] == -0.375
+
+
+def test_big_models_keep_a_small_header():
+    # the header grows with the number of tensors, not with their size: ResNet-152 has ~930 of them
+    for arch, dataset, layers in (("resnet", "imagenet", 152), ("resnet", "cifar10", 110)):
+        m = models.build_model(arch, dataset, layers, 0.125)
+        buf = packed.pack({"model": m.state_dict(), "arch": None})
+        (n,) = struct.unpack("<Q", buf[:8])
+        assert n + 8 < HEADER_LIMIT, (arch, layers, n)
+
+
+# ---------------------------------------------------------------- the writer refuses what it cannot keep
+def test_writer_refuses_a_checkpoint_that_breaks_the_contract(tmp_path):
+    _, ck = compressed("resnet", "v2qq", False)
+    out = tmp_path / "x.mess"
+    bad = {**ck, "model": {**ck["model"]}}
+    bad["model"]["layer1.0.conv1.weight"] = bad["model"]["layer1.0.conv1.weight"] + 1e-3
+    with pytest.raises(UserError, match="differs from what its MESS entry rebuilds"):
+        packed.write_mess(out, bad)
+    e = ck["mess"]["kernel"]["layers"]["layer1.0.conv2"]
+    off_grid = {**e, "alpha": e["alpha"] + 1e-4}
+    bad = {**ck, "mess": {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
+        **ck["mess"]["kernel"]["layers"], "layer1.0.conv2": off_grid}}}}
+    with pytest.raises(UserError, match="not on the 8-bit grid"):
+        packed.write_mess(out, bad)
+    bad_k = {**e, "k": e["k"] + 100}
+    bad = {**ck, "mess": {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
+        **ck["mess"]["kernel"]["layers"], "layer1.0.conv2": bad_k}}}}
+    with pytest.raises(UserError, match="below the bank size 12"):
+        packed.write_mess(out, bad)
+    with pytest.raises(UserError, match="float64"):
+        packed.write_mess(out, {"model": {"w": torch.zeros(3, dtype=torch.float64)}})
+    assert list(tmp_path.iterdir()) == []
+    assert packed.write_mess(out, ck) == out.stat().st_size
+
+
+def test_interoperable_safetensors(tmp_path):
+    from safetensors import safe_open
+    _, ck = compressed("mobilenet", "v2nb", True)
+    packed.write_mess(tmp_path / "m.mess", ck)
+    with safe_open(tmp_path / "m.mess", framework="numpy") as f:
+        assert set(f.keys()) == {"f32", "bits"}
+        meta = json.loads(f.metadata()["mess"])
+    assert meta["format"] == "mess-packed" and meta["format_version"] == 1
+    assert meta["arch"] == spec("mobilenet") and meta["mess"]["version"] == "v2nb"
+    assert meta["mess"]["alpha_bits"] == 8 and meta["mess"]["beta_bits"] is None
+    assert meta["mess"]["pointwise"]["bank_size"] == ck["mess"]["pointwise"]["bank_size"]
+
+
+# ---------------------------------------------------------------- the CLIs: compress, main.py -E, packed.py
+def make_digits_ckpt(arch="resnet"):
+    m = make_model(arch, dataset="digits")
+    path = f"checkpoint/{models.model_name(arch, ARCHS[arch][0], 0.25)}/digits/ckpt_best.pth"
+    save_checkpoint({"model": m.state_dict(), "arch": spec(arch, dataset="digits"), "epoch": 2,
+                     "best_acc1": 50.0, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+def test_compress_writes_mess_and_main_evaluates_it(in_tmp, capsys):
+    make_digits_ckpt()
+    argv = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.25"]
+    flags = ["--ckpt", "ckpt_best.pth", "-v", "v2qq", "-pwd", "2", "--fc"]
+    r = fsk.main(fsk.get_args_parser().parse_args(argv + flags))
+    assert r["path"].name == "ckpt_best_v2qq_pwd2_q888_fc.pth"
+    assert r["mess_path"] == r["path"].with_suffix(".mess")
+    assert r["mess_path"].stat().st_size == r["mess_bytes"]
+    out = capsys.readouterr().out
+    assert "ckpt_best_v2qq_pwd2_q888_fc.mess" in out and "sizes on disk: float32 state_dict" in out
+    assert "fc" in r["mess"]["pointwise"]["layers"]
+    ev = ["-E", "-j", "0", "-b", "128"]
+    a = run_main(argv + ev + ["--ckpt", r["path"].name])["metrics"]
+    b = run_main(argv + ev + ["--ckpt", r["mess_path"].name])["metrics"]
+    assert a == b
+    assert "ckpt_best_v2qq_pwd2_q888_fc.mess" in capsys.readouterr().out
+
+
+def test_packed_cli_packs_any_checkpoint(in_tmp, capsys):
+    src = make_digits_ckpt("mobilenet")
+    argv = ["digits", "-a", "mobilenet", "--width-mult", "0.25", "--ckpt"]
+    r = packed.main(packed.get_args_parser().parse_args(argv + ["ckpt_best.pth"]))
+    assert r["path"].resolve() == (in_tmp / src).with_suffix(".mess")
+    back = packed.read_mess(r["path"])
+    sd = torch.load(src, weights_only=True)["model"]
+    assert all(torch.equal(back["model"][k], v) for k, v in sd.items())
+    assert back["epoch"] == 2 and back["best_acc1"] == 50.0 and "optimizer" not in back
+    with pytest.raises(UserError, match="must end in .mess"):
+        packed.main(packed.get_args_parser().parse_args(argv + ["ckpt_best.pth", "-o", "x.pth"]))
+    capsys.readouterr()
+    again = packed.main(packed.get_args_parser().parse_args(argv + ["ckpt_best.mess"]))  # checks only
+    assert again == r and "wrote" not in capsys.readouterr().out
+    with pytest.raises(UserError, match="packed already"):
+        packed.main(packed.get_args_parser().parse_args(argv + ["ckpt_best.mess", "-o", "y.mess"]))
+
+
+def corrupt_files(tmp_path, buf):
+    flipped = bytearray(buf)
+    flipped[len(buf) - 5] ^= 0x10
+    not_ours = tmp_path / "plain.mess"
+    from safetensors.numpy import save_file
+    save_file({"w": np.zeros(3, np.float32)}, str(not_ours))
+    files = {"truncated.mess": (buf[:len(buf) // 2], "truncated"),
+             "headless.mess": (buf[:100], "header claims"),
+             "cut.mess": (buf[:-3], "truncated"),
+             "flipped.mess": (bytes(flipped), "checksum mismatch"),
+             "text.mess": (b"hello, world", "header claims"),
+             "empty.mess": (b"", "too short")}
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    files["plain.mess"] = (None, "not a .mess file")
+    files["missing.mess"] = (None, "checkpoint not found")
+    return files
+
+
+def test_bad_mess_files_are_user_errors(in_tmp):
+    _, ck = compressed("resnet", "v2qq", False)
+    buf = packed.pack(ck)
+    for name, (_, needle) in corrupt_files(in_tmp, buf).items():
+        with pytest.raises(UserError, match=needle) as e:
+            packed.read_mess(in_tmp / name)
+        assert "\n" not in str(e.value)
+
+
+def test_main_evaluate_with_a_bad_mess_file_exits_2(in_tmp):
+    _, ck = compressed("resnet", "v2qq", False)
+    buf = packed.pack(ck)
+    files = corrupt_files(in_tmp, buf)
+    for name in ("flipped.mess",):  # one subprocess: the in-process test above covers the other files
+        rc, _, err = run_cli("main.py", "digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.25",
+                             "-E", "-j", "0", "--no-track", "--ckpt", in_tmp / name, cwd=in_tmp)
+        assert_user_error(rc, err, "cannot read", name, files[name][1])
+
+
+# ---------------------------------------------------------------- hostile files (valid checksum, bad content)
+def forge(buf, meta_fn=None, bits_fn=None, f32_fn=None, header_fn=None):
+    """A .mess file rebuilt from ``buf`` with metadata, codes or floats changed, and a correct CRC."""
+    from safetensors.numpy import load, save
+    (n,) = struct.unpack("<Q", buf[:8])
+    meta = json.loads(json.loads(buf[8:8 + n])["__metadata__"]["mess"])
+    arrays = load(buf)
+    f32, bits = arrays["f32"], arrays["bits"].copy()
+    if meta_fn:
+        meta_fn(meta)
+    if bits_fn:
+        bits = bits_fn(bits)
+    if f32_fn:
+        f32 = f32_fn(f32.copy())
+    mj = json.dumps(meta)
+    crc = zlib.crc32(bits.tobytes(), zlib.crc32(f32.tobytes(), zlib.crc32(mj.encode())))
+    out = save({"f32": f32, "bits": bits}, metadata={"mess": mj, "crc32": f"{crc:08x}"})
+    if header_fn:
+        (n,) = struct.unpack("<Q", out[:8])
+        h = header_fn(json.loads(out[8:8 + n]))
+        hj = json.dumps(h).encode()
+        out = struct.pack("<Q", len(hj)) + hj + out[8 + n:]
+    return out
+
+
+def _set(path, value):
+    def fn(meta):
+        d = meta
+        for p in path[:-1]:
+            d = d[p]
+        d[path[-1]] = value
+    return fn
+
+
+HOSTILE = [
+    ("format version", dict(meta_fn=_set(["format_version"], 2)), "format version 2"),
+    ("format name", dict(meta_fn=_set(["format"], "other")), "not a .mess file"),
+    ("version", dict(meta_fn=_set(["mess", "version"], "v9")), "unknown MESS version"),
+    ("version type", dict(meta_fn=_set(["mess", "version"], ["v2"])), "unknown MESS version"),
+    ("mess type", dict(meta_fn=_set(["mess"], [1, 2])), "unknown MESS version"),
+    ("tensor entry", dict(meta_fn=lambda m: m["tensors"].append({"a": 1})), "bad tensor entry"),
+    ("path type", dict(meta_fn=_set(["mess", "pointwise"], [1])), "bad pointwise path"),
+    ("bits", dict(meta_fn=_set(["mess", "alpha_bits"], 40)), "bad alpha bits"),
+    ("bool bits", dict(meta_fn=_set(["mess", "alpha_bits"], True)), "bad alpha bits"),
+    ("bind", dict(meta_fn=_set(["mess", "kernel", "bind"], 10**9)), "bad kernel bind size"),
+    ("bank size", dict(meta_fn=_set(["mess", "kernel", "bank_size"], 13)), "bank_size 13"),
+    ("huge shape", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [2**40, 2**40])),
+     "truncated or corrupt"),
+    ("negative dim", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [-4])), "bad shape"),
+    ("many dims", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [1] * 9)), "bad tensor entry"),
+    ("ints", dict(meta_fn=lambda m: next(t for t in m["tensors"] if t[2] == "i64").__setitem__(3, [1, 2])),
+     "bad integer values"),
+    ("encoding", dict(meta_fn=lambda m: m["tensors"][0].__setitem__(2, "f16")), "bad encoding"),
+    ("no tensors", dict(meta_fn=_set(["tensors"], {"a": 1})), "no tensor list"),
+    ("arch", dict(meta_fn=_set(["arch", "layers"], "20")), "bad architecture"),
+    ("index", dict(bits_fn=lambda b: np.concatenate([np.full_like(b[:-1], 0xFF), b[-1:]])),
+     "outside the bank of 12"),
+    ("scale", dict(f32_fn=lambda f: np.full_like(f, np.inf)), "non-finite scale"),
+    ("dtype", dict(header_fn=lambda h: {**h, "f32": {**h["f32"], "dtype": "F64"}}), "1-D F32 tensor"),
+    ("offsets", dict(header_fn=lambda h: {**h, "bits": {**h["bits"], "data_offsets": [0, 1]}}),
+     "data offsets"),
+    ("extra tensor", dict(header_fn=lambda h: {**h, "x": h["bits"]}), "not a .mess file"),
+]
+
+
+@pytest.mark.parametrize("what,how,needle", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_files_are_refused(what, how, needle):
+    _, ck = compressed("resnet", "v2qq", False)
+    with pytest.raises(UserError, match=needle):
+        packed.unpack(forge(packed.pack(ck), **how))
+
+
+def test_header_length_and_decoded_size_are_bounded(monkeypatch):
+    _, ck = compressed("resnet", "v2qq", False)
+    buf = packed.pack(ck)
+    with pytest.raises(UserError, match="header claims 18,446,744,073,709,551,615 bytes"):
+        packed.unpack(b"\xff" * 8 + buf[8:])
+    monkeypatch.setattr(packed, "MAX_EXPANSION", 2)  # the real limit is 4096; this file needs ~7
+    with pytest.raises(UserError, match="more than 2 times its size"):
+        packed.unpack(buf)
+    with pytest.raises(UserError, match="not valid JSON"):
+        packed.unpack(forge(buf, header_fn=lambda h: h).replace(b'"F32"', b'NaN  '))
+
+
+# ---------------------------------------------------------------- fuzzing
+@contextlib.contextmanager
+def address_space_cap(extra):
+    """At most ``extra`` more bytes of address space for this process: a reader that tried to allocate
+    what the file cannot describe would fail with MemoryError instead of succeeding slowly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = used + extra if hard == resource.RLIM_INFINITY else min(hard, used + extra)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+_FUZZ = {}
+
+
+def fuzz_target():
+    if not _FUZZ:
+        _, ck = compressed("resnet", "v2qq", False)
+        buf = packed.pack(ck)
+        _FUZZ.update(buf=buf, header=8 + struct.unpack("<Q", buf[:8])[0], model=ck["model"])
+    return _FUZZ
+
+
+def read_or_refuse(data):
+    """Reading never crashes, hangs or allocates wildly: a UserError, or exactly the original network."""
+    t = time.perf_counter()
+    with address_space_cap(512 * 2**20):
+        try:
+            back = packed.unpack(bytes(data))
+        except UserError as e:
+            assert "\n" not in str(e)
+            back = None
+    assert time.perf_counter() - t < 10
+    if back is not None:
+        model = fuzz_target()["model"]
+        assert all(packed._same(back["model"][k], v) for k, v in model.items())
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc for the memory cap")
+@FUZZ
+@given(st.data())
+def test_fuzz_truncations(data):
+    buf = fuzz_target()["buf"]
+    n = data.draw(st.one_of(st.integers(0, fuzz_target()["header"] + 16), st.integers(0, len(buf) - 1)))
+    read_or_refuse(buf[:n])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc for the memory cap")
+@FUZZ
+@given(st.data())
+def test_fuzz_byte_flips(data):
+    f = fuzz_target()
+    buf = bytearray(f["buf"])
+    where = st.one_of(st.integers(0, f["header"] - 1), st.integers(0, len(buf) - 1))  # half: the header
+    for i, v in data.draw(st.lists(st.tuples(where, st.integers(0, 255)), min_size=1, max_size=6)):
+        buf[i] = v
+    read_or_refuse(buf)
+
+
+def _nodes(x, path=()):
+    """Every (path, value) of a JSON tree."""
+    yield path, x
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        yield from _nodes(v, path + (k,))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12) | st.sampled_from(["v2qq", "kernel", "pointwise", "q", "f32", "conv1.weight"]),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc for the memory cap")
+@FUZZ
+@given(st.data())
+def test_fuzz_hostile_metadata(data):
+    """One metadata node replaced by any JSON value, under a valid checksum: refused or read, no crash."""
+    f = fuzz_target()
+    (n,) = struct.unpack("<Q", f["buf"][:8])
+    meta = json.loads(json.loads(f["buf"][8:8 + n])["__metadata__"]["mess"])
+    path, _ = data.draw(st.sampled_from(list(_nodes(meta))[1:]))
+    node = meta
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = data.draw(JSON_VALUES)
+    t = time.perf_counter()
+    with address_space_cap(512 * 2**20):
+        try:
+            packed.unpack(forge(f["buf"], meta_fn=lambda m: (m.clear(), m.update(meta))))
+        except UserError as e:
+            assert "\n" not in str(e)
+    assert time.perf_counter() - t < 10
