@@ -172,7 +172,8 @@ def _add_local_sources(ex) -> None:
     base = Path(ex.base_dir).resolve()
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
-        if not f or not f.endswith(".py"):
+        # some modules carry a bare, relative name (torch's "_ops.py"): not a file of ours
+        if not f or not f.endswith(".py") or not os.path.isabs(f) or not os.path.isfile(f):
             continue
         p = Path(f).resolve()
         if base in p.parents and not any(part in ("site-packages", "dist-packages", ".venv", "venv")

@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -317,3 +318,20 @@ def test_find_similar_kernel_cli_is_a_recorded_run(digits_run):
     assert info["experiment"]["name"] == "mess-compress"
     assert info["status"] == "COMPLETED" and info["result"] > 1.0
     assert read_json(runs[-1] / "config.json")["version"] == "v2nb"
+
+
+def test_modules_with_a_bare_relative_file_name_are_not_sources(in_tmp, monkeypatch):
+    # torch registers a module whose __file__ is the bare "_ops.py"; run from the project
+    # folder, it resolved into that folder and sacred refused the missing file
+    import types
+    fake = types.ModuleType("fake_ops")
+    fake.__file__ = "_ops.py"
+    monkeypatch.setitem(sys.modules, "fake_ops", fake)
+    (in_tmp / "mine.py").write_text("x = 1\n")
+    mine = types.ModuleType("mine")
+    mine.__file__ = str(in_tmp / "mine.py")
+    monkeypatch.setitem(sys.modules, "mine", mine)
+    ex = tracking.Experiment("sources", base_dir=str(in_tmp))
+    tracking._add_local_sources(ex)
+    names = [Path(s.filename).name for s in ex.sources]
+    assert "mine.py" in names and "_ops.py" not in names
