@@ -24,16 +24,15 @@ from tqdm import tqdm
 
 import models
 import retrain
-from config import get_args_parser
+from config import TRACK_FLAGS, get_args_parser
 from data import get_loaders, set_epoch
 from packed import load_any_checkpoint
 from utils import (
-    CKPT_ROOT,
     Dist,
     UserError,
     accuracy,
     all_reduce_sum,
-    arch_spec,
+    build_model_from_args,
     check_arch,
     init_distributed,
     load_state_dict_checked,
@@ -65,27 +64,14 @@ def validate_args(args) -> None:
         raise UserError("-R/--resume and -E/--evaluate exclude each other")
     if (args.resume or args.evaluate) and not args.ckpt:
         raise UserError("-R/--resume and -E/--evaluate need --ckpt PATH")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be at least 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.print_freq < 1:
+        raise UserError("--epochs, --batch-size and --print-freq must be at least 1")
+    if args.workers < 0:
+        raise UserError(f"-j/--workers must be 0 or more, got {args.workers}")
     if args.sched not in ("step", "cosine"):
         raise UserError(f"unknown --sched {args.sched!r}; choose step or cosine")
     if args.groups != 1:
         raise UserError("--groups other than 1 applies to ShuffleNet, which this suite does not build")
-
-
-def build(args):
-    try:
-        model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
-    except models.ModelError as e:
-        raise UserError(str(e)) from None
-    spec = arch_spec(args, model_num_classes(model))
-    ckpt_dir = CKPT_ROOT / models.model_name(args.arch, args.layers, args.width_mult, args.bn) / args.dataset
-    return model, spec, ckpt_dir
-
-
-def model_num_classes(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return last.out_features
 
 
 def lr_at(args, epoch: int) -> float:
@@ -185,8 +171,10 @@ def append_csv(path: Path, row: dict) -> None:
 
 
 def plain_args(args) -> dict:
+    """The flags as a plain dict for checkpoints; never the recording flags (a database URL may
+    hold a password)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+            if isinstance(v, (str, int, float, bool, list, tuple, type(None))) and k not in TRACK_FLAGS}
 
 
 def describe_devices(args, device, d: Dist) -> str:
@@ -239,7 +227,7 @@ def _run(args, tracker, d: Dist):
     device = select_device(args.cuda, args.gpuids, d)
     rt = make_runtime(args, device, d)
     set_seed(args.seed)  # before the model is built: its initial weights come from this seed
-    model, spec, ckpt_dir = build(args)
+    model, spec, ckpt_dir = build_model_from_args(args)
     criterion = nn.CrossEntropyLoss()
 
     ckpt = path = run = None
@@ -284,6 +272,11 @@ def _run(args, tracker, d: Dist):
                             f"(-E) or retrained, not resumed")
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_acc1 = int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc1", 0.0))
+        if start_epoch > args.epochs:
+            raise UserError(f"{args.ckpt} already holds epoch {start_epoch - 1} of --epochs "
+                            f"{args.epochs}; give a larger --epochs to train on")
+        if rt.scaler is not None and "scaler" in ckpt:
+            rt.scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
@@ -320,6 +313,8 @@ def _run(args, tracker, d: Dist):
                               "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
                                             "last_epoch": epoch},
                               "args": plain_args(args), "rng": rng_state()})
+                if rt.scaler is not None:  # fp16 loss scale: part of an exact resume
+                    state["scaler"] = rt.scaler.state_dict()
                 epoch_name, best_name = run.file_names(epoch)
                 save_checkpoint(state, ckpt_dir / epoch_name)
                 result["saved"].append(ckpt_dir / epoch_name)

@@ -8,7 +8,7 @@ One safetensors file, no pickle: two 1-D tensors, ``f32`` (every float32 value, 
 and ``bits`` (every integer code, bit-packed back to back, LSB first), and JSON metadata that
 says what each state_dict tensor is made of. Indices take ``ceil(log2 N)`` bits, quantized
 values ``b`` bits (the signed code plus ``2^(b-1)``) and one float32 scale per tensor. The
-reader validates everything before it allocates: see ``read_mess`` and docs/packed.md.
+reader validates everything before it allocates: see ``read_mess`` and README.md.
 """
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import models
 from config import OneLineParser, add_flags
 from quantize import MAX_BITS, MIN_BITS
 from utils import (
-    CKPT_ROOT,
     UserError,
-    arch_spec,
     atomic_write,
+    build_model_from_args,
     check_arch,
     load_checkpoint,
     load_state_dict_checked,
@@ -699,14 +697,9 @@ def load_model(args):
     """``(model, ckpt, path)``: the model the flags describe with ``--ckpt`` (any checkpoint or .mess
     file, a bare name looked up as main.py does) loaded into it; without ``--ckpt`` its freshly
     initialised float32 weights and ``path`` None."""
-    try:
-        model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
-    except models.ModelError as e:
-        raise UserError(str(e)) from None
-    spec = arch_spec(args, [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features)
+    model, spec, ckpt_dir = build_model_from_args(args)
     if not args.ckpt:
         return model, {"model": model.state_dict(), "arch": spec}, None
-    ckpt_dir = CKPT_ROOT / models.model_name(args.arch, args.layers, args.width_mult, args.bn) / args.dataset
     path = resolve_ckpt(args.ckpt, ckpt_dir)
     ckpt = load_any_checkpoint(path)
     check_arch(ckpt, spec, path)

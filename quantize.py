@@ -13,16 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import models
 from config import MESS_FLAGS, MODEL_FLAGS, OneLineParser, add_flags
 from utils import (
-    CKPT_ROOT,
     UserError,
-    arch_spec,
-    check_arch,
-    load_checkpoint,
-    load_state_dict_checked,
-    resolve_ckpt,
     run_cli,
     save_checkpoint,
 )
@@ -99,21 +92,11 @@ def load_model_checkpoint(args):
     """Build the model the flags describe and load ``--ckpt`` into it; ``(model, ckpt, path)``."""
     if not args.ckpt:
         raise UserError("--ckpt PATH is required: the checkpoint to compress")
-    try:
-        model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
-    except models.ModelError as e:
-        raise UserError(str(e)) from None
-    num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-    ckpt_dir = CKPT_ROOT / models.model_name(args.arch, args.layers, args.width_mult, args.bn) / args.dataset
-    path = resolve_ckpt(args.ckpt, ckpt_dir)
-    ckpt = load_checkpoint(path)
-    spec = arch_spec(args, num_classes)
-    check_arch(ckpt, spec, path)
-    load_state_dict_checked(model, ckpt["model"], path)
+    from packed import load_model  # packed imports this module: import at call time
+    model, ckpt, path = load_model(args)  # any checkpoint, or a .mess file
     for k, v in model.state_dict().items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f"{path} holds NaN or inf in {k}; it cannot be compressed")
-    ckpt.setdefault("arch", spec)
     return model, ckpt, Path(path)
 
 

@@ -459,6 +459,8 @@ def decide(args, ckpt: dict | None, path: Path | None) -> RunSpec:
         raise UserError("-T/--retrain needs --ckpt PATH: the checkpoint to retrain")
     if args.version is not None:
         get_version(args.version)
+        for bits, flag in ((args.qb, "--qb"), (args.qba, "--qba"), (args.qbb, "--qbb")):
+            check_bits(bits, flag)  # now, not at the first search, epochs later
     if args.quant:
         check_bits(args.qb, "--qb")
         if args.version:

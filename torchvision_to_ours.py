@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 from config import OneLineParser, add_flags
-from models import DATASET_FAMILY, ModelError, build_model, model_name
+from models import DATASET_FAMILY, ModelError, build_model
 from utils import (
-    CKPT_ROOT,
     UserError,
     arch_spec,
+    ckpt_dir_of,
     load_checkpoint,
     load_state_dict_checked,
     run_cli,
@@ -66,8 +66,7 @@ def convert_state_dict(state_dict: dict, model: nn.Module, layout: str, src) -> 
 def output_path(out: str | None, spec: dict) -> Path:
     """Where the converted checkpoint goes: ``-o`` with a folder as given, a bare ``-o NAME``
     inside the run's checkpoint folder (as ``main.py --ckpt NAME`` looks it up), else ckpt_best.pth."""
-    ckpt_dir = CKPT_ROOT / model_name(spec["arch"], spec["layers"], spec["width_mult"], spec["bn"]) \
-        / spec["dataset"]
+    ckpt_dir = ckpt_dir_of(spec)
     if not out:
         return ckpt_dir / "ckpt_best.pth"
     p = Path(out)

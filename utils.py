@@ -84,6 +84,9 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            # torch's own hint (reload with weights_only=False) is unsafe advice for a file from elsewhere
+            first = "it holds Python objects besides tensors and is not loaded, for safety"
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
     if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -98,6 +101,25 @@ def arch_spec(args, num_classes: int) -> dict:
     """What rebuilds the model (DESIGN.md section 4)."""
     return {"arch": args.arch, "layers": int(args.layers), "width_mult": float(args.width_mult),
             "bn": bool(args.bn), "dataset": args.dataset, "num_classes": int(num_classes)}
+
+
+def ckpt_dir_of(spec: dict) -> Path:
+    """A run's checkpoint folder: ``checkpoint/<model>/<dataset>`` (the original's layout)."""
+    from models import model_name
+    name = model_name(spec["arch"], spec["layers"], spec["width_mult"], spec["bn"])
+    return CKPT_ROOT / name / spec["dataset"]
+
+
+def build_model_from_args(args):
+    """``(model, spec, ckpt_dir)`` for the model the flags describe; a bad spec is a ``UserError``."""
+    import models
+    try:
+        model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
+    except models.ModelError as e:
+        raise UserError(str(e)) from None
+    num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    spec = arch_spec(args, num_classes)
+    return model, spec, ckpt_dir_of(spec)
 
 
 def check_arch(ckpt: dict, spec: dict, path) -> None:

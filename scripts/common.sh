@@ -40,8 +40,17 @@ collect() {
 }
 show_table() { "$PYTHON" "$ROOT/scripts/collect.py" --show "$TABLE"; }
 
-# "--layers N" for the architectures that have depths, nothing for the others
-depths() { case "$1" in resnet|vgg|wideresnet) echo "$LAYERS" ;; *) echo "-" ;; esac; }
+# the stem of the checkpoint find_similar_kernel.py writes: mess_name STEM VERSION QB QBA QBB
+mess_name() {
+    "$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); from find_similar_kernel import output_name
+print(output_name(sys.argv[2], sys.argv[3], np=False, qb=int(sys.argv[4]), qba=int(sys.argv[5]),
+                  qbb=int(sys.argv[6]), bind_size=2, pw_bind_size=None)[:-len('.pth')])" "$ROOT" "$@"
+}
+
+# "--layers N" for the architectures that have depths (VGG its own, VGG_LAYERS), nothing for the others
+depths() {
+    case "$1" in resnet|wideresnet) echo "$LAYERS" ;; vgg) echo "${VGG_LAYERS:-16}" ;; *) echo "-" ;; esac
+}
 layer_flags() { if [ "$2" = "-" ]; then echo ""; else echo "--layers $2"; fi; }
 
 # retraining flags and the suffix they add to checkpoint names (-N: _s<S>, as the original's)

@@ -142,6 +142,8 @@ def trained(tmp_path_factory):
     (["imagenet", "-a", "resnet", "--layers", "18", "--datapath", "."],
      ["ImageNet data directory not found"]),
     (["digits", "-a", "resnet", "--layers", "20", "--lr"], ["expected one argument"]),
+    (["digits", "-a", "resnet", "--layers", "20", "-p", "0"], ["--print-freq must be at least 1"]),
+    (["digits", "-a", "resnet", "--layers", "20", "-j", "-1"], ["-j/--workers must be 0 or more"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, needles):
     rc, _, err = run_cli("main.py", *argv, cwd=tmp_path)
@@ -176,3 +178,15 @@ def test_resume_of_a_weights_only_checkpoint_is_refused(trained):
     torch.save(sd, p)
     rc, _, err = run_cli("main.py", *TINY, "-R", "--ckpt", p, cwd=trained)
     assert_user_error(rc, err, "not resumed")
+
+
+def test_resume_past_the_last_epoch_is_refused(trained):
+    rc, _, err = run_cli("main.py", *TINY, "--epochs", "1", "-R", "--ckpt", "ckpt_epoch_1.pth", cwd=trained)
+    assert_user_error(rc, err, "already holds epoch 1", "--epochs")
+
+
+def test_checkpoints_never_hold_the_database_url():
+    import main
+    args = main.get_args_parser().parse_args(TINY + ["--mongo-url", "mongodb://user:secret@127.0.0.1:1"])
+    flags = main.plain_args(args)
+    assert "mongo_url" not in flags and flags["arch"] == "resnet"
