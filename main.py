@@ -211,12 +211,17 @@ def main(args, tracker=None):
     tracker = tracker or NullTracker()
     validate_args(args)
     d = init_distributed(args.cuda)
-    try:
+    if not d.enabled:
         return _run(args, tracker, d)
+    import torch.distributed as dist
+    try:
+        result = _run(args, tracker, d)
+        # every rank done before any tears its connections down: a rank that leaves while rank 0
+        # still writes its checkpoint can abort gloo's threads ("terminate called ...")
+        dist.barrier()
+        return result
     finally:
-        if d.enabled:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _run(args, tracker, d: Dist):
