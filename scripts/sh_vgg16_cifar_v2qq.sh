@@ -9,7 +9,7 @@
 # Settings (environment): DATA ARCH LAYERS QBS EPOCHS LR RT_EPOCHS RT_LR RT_FLAGS GPUS, and scripts/common.sh's.
 DATA="${DATA:-cifar10 cifar100}"
 ARCH="${ARCH:-vgg}"
-LAYERS="${LAYERS:-16}"
+VGG_LAYERS="${VGG_LAYERS:-${LAYERS:-16}}"  # the VGG depth(s); LAYERS works too
 QBS="${QBS:-8 6 4 3 2}"
 EPOCHS="${EPOCHS:-200}"
 LR="${LR:-0.05}"
