@@ -53,6 +53,18 @@ depths() {
 }
 layer_flags() { if [ "$2" = "-" ]; then echo ""; else echo "--layers $2"; fi; }
 
+# each_model FN: FN DATA MODEL-FLAGS... for every dataset, architecture and depth of the sweep
+each_model() {
+    local data arch layer
+    for data in $DATA; do
+        for arch in $ARCH; do
+            for layer in $(depths "$arch"); do
+                "$1" "$data" -a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS
+            done
+        done
+    done
+}
+
 # retraining flags and the suffix they add to checkpoint names (-N: _s<S>, as the original's)
 if [ "$NEW" = 1 ]; then RT_NEW=(-N -s "$S"); RT_SFX="_s$S"; else RT_NEW=(); RT_SFX=""; fi
 
@@ -84,6 +96,24 @@ quant_vs_v2qq() {
         clean_epochs "$data" "ckpt_rt1_v2qq_q${qb}88$RT_SFX"
         ckpts+=("ckpt_best_q$qb.pth" "ckpt_rt1_q${qb}_best.pth"
                 "ckpt_best_v2qq_q${qb}88.pth" "ckpt_rt1_v2qq_q${qb}88${RT_SFX}_best.pth")
+    done
+    collect "$data" "$@" -- "${ckpts[@]}"
+}
+
+# One model and one version: compress ckpt_best.pth at each bit width of $QBS (alphas and betas at 8
+# bits), retrain each (-T), and evaluate them with the float baseline into $TABLE.
+# mess_sweep VERSION DATA MODEL-FLAGS...
+mess_sweep() {
+    local version="$1" data="$2"; shift 2
+    local ckpts=(ckpt_best.pth) qb stem rt
+    for qb in $QBS; do
+        run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v "$version" --qb "$qb"
+        stem="$(mess_name ckpt_best "$version" "$qb" 8 8)"
+        rt="ckpt_rt1_${stem#ckpt_best_}$RT_SFX"
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
+            -T --ckpt "$stem.pth" "${RT_NEW[@]}" -v "$version"
+        clean_epochs "$data" "$rt"
+        ckpts+=("$stem.pth" "${rt}_best.pth")
     done
     collect "$data" "$@" -- "${ckpts[@]}"
 }

@@ -22,13 +22,6 @@ TRAIN="${TRAIN:-0}"
 S="${S:-5}"
 source "$(dirname "$0")/common.sh"
 
-for data in $DATA; do
-    for arch in $ARCH; do
-        for layer in $(depths "$arch"); do
-            m=(-a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS)
-            train_baseline "$data" "${m[@]}"
-            quant_vs_v2qq "$data" "${m[@]}"
-        done
-    done
-done
+sweep() { train_baseline "$@"; quant_vs_v2qq "$@"; }
+each_model sweep
 show_table

@@ -18,21 +18,6 @@ TRAIN="${TRAIN:-0}"
 S="${S:-1}"
 source "$(dirname "$0")/common.sh"
 
-for data in $DATA; do
-    for arch in $ARCH; do
-        for layer in $(depths "$arch"); do
-            m=(-a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS)
-            train_baseline "$data" "${m[@]}"
-            ckpts=(ckpt_best.pth)
-            for qb in $QBS; do
-                run_compress "$data" "${m[@]}" $GPUS --ckpt ckpt_best.pth -v v2nb --qb "$qb"
-                run_main "$data" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
-                    -T --ckpt "ckpt_best_v2nb_q${qb}8.pth" "${RT_NEW[@]}" -v v2nb
-                clean_epochs "$data" "ckpt_rt1_v2nb_q${qb}8$RT_SFX"
-                ckpts+=("ckpt_best_v2nb_q${qb}8.pth" "ckpt_rt1_v2nb_q${qb}8${RT_SFX}_best.pth")
-            done
-            collect "$data" "${m[@]}" -- "${ckpts[@]}"
-        done
-    done
-done
+sweep() { train_baseline "$@"; mess_sweep v2nb "$@"; }
+each_model sweep
 show_table

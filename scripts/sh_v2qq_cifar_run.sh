@@ -16,19 +16,16 @@ WORKERS="${WORKERS:-2}"
 S="${S:-5}"
 source "$(dirname "$0")/common.sh"
 
-for data in $DATA; do
-    for arch in $ARCH; do
-        for layer in $(depths "$arch"); do
-            m=(-a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS)
-            ckpts=()
-            for qb in $QBS; do
-                run_main "$data" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" \
-                    -N -s "$S" -v v2qq --qb "$qb"
-                clean_epochs "$data" "ckpt_new_v2qq_q${qb}88_s$S"
-                ckpts+=("ckpt_new_v2qq_q${qb}88_s${S}_best.pth")
-            done
-            collect "$data" "${m[@]}" -- "${ckpts[@]}"
-        done
+# the original's "new method" from scratch: -N -s S -v v2qq at each bit width of $QBS
+new_method() {
+    local data="$1"; shift
+    local ckpts=() qb
+    for qb in $QBS; do
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" -N -s "$S" -v v2qq --qb "$qb"
+        clean_epochs "$data" "ckpt_new_v2qq_q${qb}88_s$S"
+        ckpts+=("ckpt_new_v2qq_q${qb}88_s${S}_best.pth")
     done
-done
+    collect "$data" "$@" -- "${ckpts[@]}"
+}
+each_model new_method
 show_table

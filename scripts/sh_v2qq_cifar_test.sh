@@ -19,21 +19,6 @@ TRAIN="${TRAIN:-0}"
 S="${S:-1}"
 source "$(dirname "$0")/common.sh"
 
-for data in $DATA; do
-    for arch in $ARCH; do
-        for layer in $(depths "$arch"); do
-            m=(-a "$arch" $(layer_flags "$arch" "$layer") $MODEL_FLAGS)
-            train_baseline "$data" "${m[@]}"
-            ckpts=(ckpt_best.pth)
-            for qb in $QBS; do
-                run_compress "$data" "${m[@]}" $GPUS --ckpt ckpt_best.pth -v v2qq --qb "$qb"
-                run_main "$data" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
-                    -T --ckpt "ckpt_best_v2qq_q${qb}88.pth" "${RT_NEW[@]}" -v v2qq --qb "$qb"
-                clean_epochs "$data" "ckpt_rt1_v2qq_q${qb}88$RT_SFX"
-                ckpts+=("ckpt_best_v2qq_q${qb}88.pth" "ckpt_rt1_v2qq_q${qb}88${RT_SFX}_best.pth")
-            done
-            collect "$data" "${m[@]}" -- "${ckpts[@]}"
-        done
-    done
-done
+sweep() { train_baseline "$@"; mess_sweep v2qq "$@"; }
+each_model sweep
 show_table
