@@ -11,7 +11,6 @@ Retraining (-T, -N/-s, -Q, --nl, --pl, --wclip) is retrain.py's; this file runs 
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from utils import (
     UserError,
     accuracy,
     all_reduce_sum,
+    append_csv,
     build_model_from_args,
     check_arch,
     init_distributed,
@@ -160,16 +160,6 @@ def evaluate(model, loader, criterion, rt: Runtime) -> dict:
             "val_top5": 100.0 * correct5 / max(n, 1)}
 
 
-def append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 def plain_args(args) -> dict:
     """The flags as a plain dict for checkpoints; never the recording flags (a database URL may
     hold a password)."""
@@ -263,8 +253,8 @@ def _run(args, tracker, d: Dist):
             line += "\n" + summarize(ckpt)
         console.print(line)
         if d.is_main:
-            append_csv(ckpt_dir / "eval.csv", {"ckpt": str(args.ckpt), **metrics,
-                                               "seconds": round(time.time() - t0, 2)})
+            append_csv(ckpt_dir / "eval.csv", [{"ckpt": str(args.ckpt), **metrics,
+                                                "seconds": round(time.time() - t0, 2)}])
         return {"metrics": metrics, "ckpt_dir": ckpt_dir}
 
     optimizer = torch.optim.SGD(run.param_groups(args.weight_decay), lr=args.lr, momentum=args.momentum,
@@ -326,7 +316,7 @@ def _run(args, tracker, d: Dist):
                 if is_best:
                     save_checkpoint(state, ckpt_dir / best_name)
                     result["saved"].append(ckpt_dir / best_name)
-            append_csv(summary_csv, row)
+            append_csv(summary_csv, [row])
             tracker.log(row, epoch)
         result["history"].append(row)
         console.print(f"epoch {epoch}/{args.epochs} lr {lr:.3g} | train {row['train_loss']:.4f} "

@@ -1,6 +1,7 @@
 """Shared helpers: user errors, checkpoints, devices, meters and RNG state."""
 from __future__ import annotations
 
+import csv
 import os
 import random
 import sys
@@ -164,6 +165,18 @@ def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
     if p.is_file() or p.is_absolute() or len(p.parts) > 1:
         return p
     return ckpt_dir / p
+
+
+def append_csv(path, rows: list[dict], fieldnames=None) -> None:
+    """Append rows to a CSV table, writing its header when the file is new."""
+    path = Path(path)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 # ---------------------------------------------------------------- devices

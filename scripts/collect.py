@@ -42,7 +42,7 @@ def describe(ckpt: dict) -> tuple[str, str]:
 def collect(table: Path, sweep: str, ckpts: list[str], main_argv: list[str]) -> list[dict]:
     import main
     from find_similar_kernel import storage_account
-    from utils import load_checkpoint, resolve_ckpt
+    from utils import append_csv, load_checkpoint, resolve_ckpt
 
     rows = []
     for name in ckpts:
@@ -56,13 +56,7 @@ def collect(table: Path, sweep: str, ckpts: list[str], main_argv: list[str]) -> 
                      "top1": round(out["metrics"]["val_top1"], 2),
                      "top5": round(out["metrics"]["val_top5"], 2),
                      "ratio": round(acc.ratio, 2), "bits": acc.mess_bits, "fp32_bits": acc.fp32_bits})
-    table.parent.mkdir(parents=True, exist_ok=True)
-    new = not table.exists()
-    with open(table, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(table, rows, COLUMNS)
     return rows
 
 
