@@ -4,7 +4,7 @@
     python check_model_params.py cifar10 -a resnet --layers 56 --ckpt ckpt_best_v2qq_q888.mess --plot b.png
     python check_model_params.py cifar10 -a resnet --layers 56 --ckpt ckpt_best.pth -v v2qq --analysis f.png
 
-Bits are DESIGN.md section 5's storage account (``find_similar_kernel.storage_account``). With
+Bits are docs/design.md §5's storage account (``mess.account.storage_account``). With
 ``-v`` on a float checkpoint (or a bare model spec) the search runs in memory and the table shows
 what that version would store; nothing is written but the PNGs. ``--plot`` draws bits per layer
 before and after; ``--analysis`` draws, for a few sampled covered vectors, the target against
@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import find_similar_kernel as fsk
 import models
 from config import MESS_FLAGS, OneLineParser, add_flags
-from packed import load_model
-from utils import UserError, run_cli
+from mess.account import Account, storage_account, summarize
+from mess.compress import compress
+from mess.entry import Entry
+from mess.layers import reconstruct, target_vectors
+from mess.settings import Settings
+from utils import UserError, load_model, run_cli
 
 DPI = 100
 PART_TOKENS = {"k": "k", "alpha": "a", "beta": "b", "quantized": "q"}  # "k4 a8 b8", "q8"
@@ -54,7 +57,7 @@ def _stored(parts) -> str:
     return " ".join(tokens)
 
 
-def layer_rows(model: nn.Module, account: fsk.Account) -> list[dict]:
+def layer_rows(model: nn.Module, account: Account) -> list[dict]:
     """One row per module holding float tensors, in state_dict order."""
     mods = dict(model.named_modules())
     parts: dict[str, list] = {}
@@ -70,7 +73,7 @@ def layer_rows(model: nn.Module, account: fsk.Account) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], account: fsk.Account, title: str) -> None:
+def print_table(rows: list[dict], account: Account, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))
@@ -99,7 +102,7 @@ def _png(path: str, flag: str) -> Path:
     return out
 
 
-def plot_bits(rows: list[dict], account: fsk.Account, out: Path, title: str) -> Path:
+def plot_bits(rows: list[dict], account: Account, out: Path, title: str) -> Path:
     """Bits per layer before (float32) and after, side by side, on a log scale."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
@@ -124,18 +127,16 @@ def plot_bits(rows: list[dict], account: fsk.Account, out: Path, title: str) -> 
     return out
 
 
-def sample_fits(float_sd: dict, sd: dict, mess: dict, samples: int, seed: int) -> list[dict]:
+def sample_fits(float_sd: dict, sd: dict, entry: Entry, samples: int, seed: int) -> list[dict]:
     """``samples`` covered vectors drawn uniformly over all targets: the target (from ``float_sd``),
-    its bank vector and the fit (from ``sd`` and ``mess``)."""
+    its bank vector and the fit (from ``sd`` and ``entry``)."""
     pools = []
-    for kind in ("kernel", "pointwise"):
-        path = mess.get(kind)
-        if not path:
-            continue
-        B = fsk.bank_vectors(sd[f"{path['bank']}.weight"], kind, path["bind"], path["transforms"])
-        for t, e in path["layers"].items():
-            pools.append((kind, t, B, e, fsk.target_vectors(float_sd[f"{t}.weight"], kind, path["bind"])))
-    sizes = torch.tensor([len(p[3]["k"]) for p in pools])
+    for path in entry.paths():
+        B = path.bank_vectors(sd)
+        for t, code in path.layers.items():
+            W = target_vectors(float_sd[f"{t}.weight"], path.kind, path.bind)
+            pools.append((path.kind, t, B, code, W))
+    sizes = torch.tensor([len(p[3].k) for p in pools])
     total = int(sizes.sum())
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(total, generator=g)[:samples].sort().values
@@ -143,12 +144,12 @@ def sample_fits(float_sd: dict, sd: dict, mess: dict, samples: int, seed: int) -
     out = []
     for i in picks.tolist():
         j = int((starts <= i).nonzero().max())
-        kind, t, B, e, W = pools[j]
+        kind, t, B, code, W = pools[j]
         v = i - int(starts[j])
-        k = e["k"][v:v + 1]
-        beta = e["beta"][v:v + 1] if "beta" in e else None
-        fit = fsk.reconstruct(B, k, e["alpha"][v:v + 1], beta)[0]
-        out.append({"layer": t, "kind": kind, "index": v, "k": int(k), "alpha": float(e["alpha"][v]),
+        k = code.k[v:v + 1]
+        beta = code.beta[v:v + 1] if code.beta is not None else None
+        fit = reconstruct(B, k, code.alpha[v:v + 1], beta)[0]
+        out.append({"layer": t, "kind": kind, "index": v, "k": int(k), "alpha": float(code.alpha[v]),
                     "beta": None if beta is None else float(beta), "target": W[v], "bank": B[int(k)],
                     "fit": fit, "l1": float((fit - W[v]).abs().sum())})
     return out
@@ -201,25 +202,26 @@ def main(args):
     analysis = _png(args.analysis, "--analysis") if args.analysis else None
     if analysis and not 1 <= args.samples <= 64:
         raise UserError(f"--samples must be between 1 and 64, got {args.samples}")
-    version = fsk.get_version(args.version).name if args.version else None
+    settings = Settings.from_args(args) if args.version else None
     model, ckpt, path = load_model(args)
     name = path.name if path else models.model_name(args.arch, args.layers, args.width_mult, args.bn)
-    sd, mess, float_sd = ckpt["model"], ckpt.get("mess"), None
-    if version:
-        if mess or "quant" in ckpt:
-            raise UserError(f"{name} is already compressed; -v {version} applies to a float checkpoint")
-        c = fsk.compress(model, args.arch, version, qb=args.qb, qba=args.qba, qbb=args.qbb,
-                         bind_size=args.bind_size, pw_bind_size=args.pw_bind_size, np=args.np, fc=args.fc)
-        float_sd, sd, mess = sd, c.state_dict, c.mess
-        ckpt = {"model": sd, "mess": mess}
-        name += f" as {version}"
-    if analysis and not mess:
+    sd, float_sd = ckpt["model"], None
+    entry = Entry.from_dict(ckpt["mess"]) if ckpt.get("mess") else None
+    if settings:
+        if entry or "quant" in ckpt:
+            raise UserError(f"{name} is already compressed; -v {settings.version} applies to a float "
+                            f"checkpoint")
+        c = compress(model, settings, arch=args.arch)
+        float_sd, sd, entry = sd, c.state_dict, c.entry
+        ckpt = c.checkpoint()
+        name += f" as {settings.version}"
+    if analysis and not entry:
         raise UserError("--analysis draws covered vectors: give a MESS checkpoint (or .mess file), or -v "
                         "VERSION")
-    account = fsk.storage_account(sd, mess=mess, quant=ckpt.get("quant"))
+    account = storage_account(sd, entry, quant=ckpt.get("quant"))
     rows = layer_rows(model, account)
     print_table(rows, account, title=name)
-    print(fsk.summarize(ckpt))
+    print(summarize(ckpt))
     if "packed" in ckpt:
         p = ckpt["packed"]
         print(f"{name}: {p['bytes']:,} bytes on disk = the account's {(account.mess_bits + 7) // 8:,} bytes "
@@ -230,7 +232,7 @@ def main(args):
         result["plot"] = plot_bits(rows, account, plot, name)
         print(f"wrote {plot}")
     if analysis:
-        fits = sample_fits(float_sd if float_sd is not None else sd, sd, mess, args.samples, args.seed)
+        fits = sample_fits(float_sd if float_sd is not None else sd, sd, entry, args.samples, args.seed)
         note = "" if float_sd is not None else (" (targets: the stored weights, which are their fits; give "
                                                 "the float checkpoint and -v to see the search's residuals)")
         result["analysis"] = plot_fits(fits, analysis, f"{name}: {len(fits)} sampled vectors{note}")

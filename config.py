@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mess.settings import VERSIONS
 from models import DATASET_FAMILY, list_models
 
 DATASETS = tuple(DATASET_FAMILY)
-VERSIONS = ("v2", "v2q", "v2qq", "v2qq-epsv1", "v2qq-epsv2", "v2qq-epsv3", "v2f", "v2nb",
-            "v2.5", "v3")
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage dump), exit code 2."""

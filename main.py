@@ -25,7 +25,7 @@ import models
 import retrain
 from config import TRACK_FLAGS, get_args_parser
 from data import get_loaders, set_epoch
-from packed import load_any_checkpoint
+from mess.account import summarize
 from utils import (
     Dist,
     UserError,
@@ -35,6 +35,7 @@ from utils import (
     build_model_from_args,
     check_arch,
     init_distributed,
+    load_any_checkpoint,
     load_state_dict_checked,
     resolve_ckpt,
     rng_state,
@@ -228,7 +229,7 @@ def _run(args, tracker, d: Dist):
     ckpt = path = run = None
     if args.ckpt and (args.resume or args.evaluate or args.retrain):
         path = resolve_ckpt(args.ckpt, ckpt_dir)
-        ckpt = load_any_checkpoint(path)  # a .mess file is read by packed.py
+        ckpt = load_any_checkpoint(path)  # a .mess file too
         check_arch(ckpt, spec, path)
         load_state_dict_checked(model, ckpt["model"], path)
     if not args.evaluate:
@@ -249,7 +250,6 @@ def _run(args, tracker, d: Dist):
         line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
                 f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
         if "mess" in ckpt or "quant" in ckpt:
-            from find_similar_kernel import summarize
             line += "\n" + summarize(ckpt)
         console.print(line)
         if d.is_main:

@@ -3,7 +3,7 @@
     python torchvision_to_ours.py -a resnet --layers 152                  # download, convert
     python torchvision_to_ours.py -a vgg --layers 16 --bn --src vgg16_bn-6c64b313.pth -o vgg.pth -E
 
-The result is a DESIGN.md section 4 checkpoint (``model``, ``arch``, ``epoch``,
+The result is a docs/design.md §4 checkpoint (``model``, ``arch``, ``epoch``,
 ``best_acc1``, ``args``, ``source``), by default where ``main.py --ckpt ckpt_best.pth``
 finds it: ``checkpoint/<model>/imagenet/ckpt_best.pth``. Every key is renamed by the
 explicit table below and every key and shape is checked against the model built here.

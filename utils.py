@@ -5,7 +5,6 @@ import csv
 import os
 import random
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +12,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mess.checkpoint import (  # noqa: F401  (the CLIs' one import of them)
+    atomic_write,
+    clean_state_dict,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    unwrap_model,
+)
+from mess.errors import UserError
+from mess.packed_format import SUFFIX as PACKED_SUFFIX
+from mess.packed_read import read_mess
+
 CKPT_ROOT = Path("checkpoint")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class UserError(Exception):
-    """A mistake of the user's (bad flag, missing file): one line on stderr, exit code 2."""
 
 
 def run_cli(main, parser, argv=None):
@@ -32,74 +38,8 @@ def run_cli(main, parser, argv=None):
 
 
 # ---------------------------------------------------------------- checkpoints
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model under DataParallel / DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def clean_state_dict(state_dict: dict) -> dict:
-    """Strip the ``module.`` / ``_orig_mod.`` prefixes wrappers add to keys."""
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def atomic_write(path, write_fn):
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(obj: dict, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) onto the CPU, or raise ``UserError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            # torch's own hint (reload with weights_only=False) is unsafe advice for a file from elsewhere
-            first = "it holds Python objects besides tensors and is not loaded, for safety"
-        raise UserError(f"cannot read checkpoint {path}: {first}") from None
-    if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(
-            isinstance(v, torch.Tensor) for v in ckpt.values()):
-        ckpt = {"model": ckpt}  # a bare state_dict
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{path} is not a model checkpoint (no 'model' state_dict)")
-    ckpt["model"] = clean_state_dict(ckpt["model"])
-    return ckpt
-
-
 def arch_spec(args, num_classes: int) -> dict:
-    """What rebuilds the model (DESIGN.md section 4)."""
+    """What rebuilds the model (docs/design.md §4)."""
     return {"arch": args.arch, "layers": int(args.layers), "width_mult": float(args.width_mult),
             "bn": bool(args.bn), "dataset": args.dataset, "num_classes": int(num_classes)}
 
@@ -139,32 +79,42 @@ def check_arch(ckpt: dict, spec: dict, path) -> None:
         raise UserError(f"{path} holds a {name(theirs)}, but this run builds a {name(spec)}")
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: dict, path) -> None:
-    """Load weights, turning a key or shape mismatch into a one-line ``UserError``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    bad_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or bad_shape:
-        what = []
-        if missing:
-            what.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            what.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if bad_shape:
-            k = bad_shape[0]
-            what.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: "
-                        f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
-        raise UserError(f"{path} does not fit this model: {'; '.join(what)}")
-    model.load_state_dict(state_dict)
-
-
 def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
     """``--ckpt`` as given if that file exists, else inside the run's checkpoint folder."""
     p = Path(ckpt)
     if p.is_file() or p.is_absolute() or len(p.parts) > 1:
         return p
     return ckpt_dir / p
+
+
+def load_any_checkpoint(path) -> dict:
+    """``read_mess`` for a ``.mess`` file, ``load_checkpoint`` for anything else."""
+    return read_mess(path) if str(path).endswith(PACKED_SUFFIX) else load_checkpoint(path)
+
+
+def load_model(args):
+    """``(model, ckpt, path)``: the model the flags describe with ``--ckpt`` (any checkpoint or .mess
+    file, a bare name looked up as main.py does) loaded into it; without ``--ckpt`` its freshly
+    initialised float32 weights and ``path`` None."""
+    model, spec, ckpt_dir = build_model_from_args(args)
+    if not args.ckpt:
+        return model, {"model": model.state_dict(), "arch": spec}, None
+    path = resolve_ckpt(args.ckpt, ckpt_dir)
+    ckpt = load_any_checkpoint(path)
+    check_arch(ckpt, spec, path)
+    load_state_dict_checked(model, ckpt["model"], path)
+    return model, ckpt, path
+
+
+def load_model_checkpoint(args):
+    """``load_model`` for the compressors: ``--ckpt`` required, and finite weights."""
+    if not args.ckpt:
+        raise UserError("--ckpt PATH is required: the checkpoint to compress")
+    model, ckpt, path = load_model(args)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path} holds NaN or inf in {k}; it cannot be compressed")
+    return model, ckpt, Path(path)
 
 
 def append_csv(path, rows: list[dict], fieldnames=None) -> None:

@@ -36,8 +36,10 @@ from mess_reference import loop_search  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-import find_similar_kernel as fsk  # noqa: E402
 import models  # noqa: E402
+from mess import fused as fused_mod  # noqa: E402
+from mess.layers import bank_vectors, plan_layers, target_vectors  # noqa: E402
+from mess.search import SearchResult, centre, search  # noqa: E402
 from utils import load_checkpoint, select_device  # noqa: E402
 
 MODELS = {"vgg16": ("vgg", 16), "mobilenet": ("mobilenet", 16), "resnet56": ("resnet", 56),
@@ -48,11 +50,11 @@ def path_vectors(model, arch):
     """(kind, bank, targets) of each path, exactly as compress() builds them (v2: no quantization)."""
     sd = model.state_dict()
     out = []
-    for kind, plan in fsk.plan_layers(model, arch).items():
+    for kind, plan in plan_layers(model, arch).items():
         if plan is None:
             continue
-        bank = fsk.bank_vectors(sd[f"{plan.bank}.weight"], kind, plan.bind, plan.transforms)
-        tgt = torch.cat([fsk.target_vectors(sd[f"{t}.weight"], kind, plan.bind) for t in plan.targets])
+        bank = bank_vectors(sd[f"{plan.bank}.weight"], kind, plan.bind, plan.transforms)
+        tgt = torch.cat([target_vectors(sd[f"{t}.weight"], kind, plan.bind) for t in plan.targets])
         out.append((kind, bank, tgt))
     return out
 
@@ -75,8 +77,8 @@ def identical(a, b) -> bool:
 
 def kernel_inputs(bank, tgt, device):
     """What search() hands the fused kernel (v2: beta, no eps): centred targets, bank, divisors."""
-    c_r, _ = fsk.centre(bank.to(device, torch.float32))
-    c_w, _ = fsk.centre(tgt.to(device, torch.float32))
+    c_r, _ = centre(bank.to(device, torch.float32))
+    c_w, _ = centre(tgt.to(device, torch.float32))
     denom = (c_r * c_r).sum(1)
     c_r[denom == 0] = 0
     return c_w, c_r.T.contiguous(), torch.where(denom == 0, torch.ones_like(denom), denom)
@@ -113,17 +115,17 @@ def load() -> str:
 def measure(bank, tgt, device, args):
     """Timings and checks of one path of one model: (row dict, table cells)."""
     m, n = tgt.shape[0], bank.shape[0]
-    compile_s, _ = timed(lambda: fsk.search(bank, tgt[:4096], device=device, fused=True), device)
-    if fsk._compiled.get(fsk._kernel_name(device)) is None:
+    compile_s, _ = timed(lambda: search(bank, tgt[:4096], device=device, fused=True), device)
+    if fused_mod._compiled.get(fused_mod._kernel_name(device)) is None:
         raise SystemExit(f"the fused search did not compile on {device.type}; see the warning above")
-    fsk.search(bank, tgt[:4096], device=device, fused=False)  # warm-up: thread pool, allocator
+    search(bank, tgt[:4096], device=device, fused=False)  # warm-up: thread pool, allocator
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(m, generator=g)[:min(args.sample, m)]
     c_w, c_r_t, div = kernel_inputs(bank, tgt, device)
     cpu = torch.device("cpu")
-    runs = {"plain": (lambda: fsk.search(bank, tgt, device=device, fused=False), device),
-            "fused": (lambda: fsk.search(bank, tgt, device=device, fused=True), device),
-            "kernel": (lambda: fsk.fused_search(c_w, c_r_t, div), device),
+    runs = {"plain": (lambda: search(bank, tgt, device=device, fused=False), device),
+            "fused": (lambda: search(bank, tgt, device=device, fused=True), device),
+            "kernel": (lambda: fused_mod.fused_search(c_w, c_r_t, div), device),
             "loop": (lambda: loop_search(bank, tgt[idx]), cpu)}
     best = {}
     for _ in range(args.repeats):  # alternate, so that a busy moment of the shared CPU hits all alike
@@ -134,7 +136,7 @@ def measure(bank, tgt, device, args):
     (plain_s, plain), (fused_s, fused), (kernel_s, _), (loop_s, ref) = (
         best[w] for w in ("plain", "fused", "kernel", "loop"))
     loop_rate = len(idx) / loop_s
-    sub = fsk.SearchResult(fused.k[idx], fused.alpha[idx], fused.beta[idx], fused.residual[idx])
+    sub = SearchResult(fused.k[idx], fused.alpha[idx], fused.beta[idx], fused.residual[idx])
     same, ties, ok = compare(sub, ref, tgt[idx])
     row = {"targets": m, "bank": n, "L": bank.shape[1], "loop_rate": loop_rate, "plain_s": plain_s,
            "fused_s": fused_s, "plain_speedup": (m / plain_s) / loop_rate,
@@ -157,14 +159,14 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None,
                    help="trained weights for the (single) model instead of random ones")
     p.add_argument("-C", "--cuda", action="store_true", help="search on CUDA (the loop stays on CPU)")
-    p.add_argument("--cpu-kernel", choices=["c++", "inductor"], default=fsk.FUSED_CPU_KERNEL,
+    p.add_argument("--cpu-kernel", choices=["c++", "inductor"], default=fused_mod.FUSED_CPU_KERNEL,
                    help="fused kernel on CPU: the hand-written C++ one (default) or torch.compile's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = select_device(args.cuda, [0])
-    fsk.FUSED_CPU_KERNEL = args.cpu_kernel
+    fused_mod.FUSED_CPU_KERNEL = args.cpu_kernel
     console = Console(highlight=False, width=int(os.environ.get("COLUMNS", 200)))
-    console.print(f"search on {device} (fused kernel: {fsk._kernel_name(device)}): {machine(device)}")
+    console.print(f"search on {device} (fused kernel: {fused_mod._kernel_name(device)}): {machine(device)}")
     table = Table(title="MESS search: fused and plain vs the per-kernel loop (targets/s = kernels/s)")
     for col in ("model", "path", "targets", "bank x L", "loop k/s", "plain k/s", "plain x", "fused k/s",
                 "fused x", "fused s", "kernel pairs/s", "compile s", "fused = plain", "loop agrees"):

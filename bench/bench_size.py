@@ -9,7 +9,7 @@ compression gets from float weights), and the ``.mess`` file written by packed.p
 of each version (``+fc``: with --fc, fully connected layers covered too), with the ratio of the
 float32 file to each. Weights are the models' random initialisation (seeded, BN statistics
 perturbed): file sizes depend on shapes and bit widths, not on the values. Every ``.mess`` is read
-back and checked against the storage account (DESIGN.md section 5) before its size is reported.
+back and checked against the storage account (docs/design.md §5) before its size is reported.
 """
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import find_similar_kernel as fsk  # noqa: E402
 import models  # noqa: E402
-import packed  # noqa: E402
+from mess.account import storage_account  # noqa: E402
+from mess.compress import compress  # noqa: E402
+from mess.packed_read import read_mess  # noqa: E402
+from mess.packed_write import write_mess  # noqa: E402
+from mess.settings import get_version  # noqa: E402
 from utils import select_device  # noqa: E402
 
 # name: (arch, layers, bn, dataset)
@@ -67,12 +70,12 @@ def mess_size(model, arch, spec, version, tmp: Path, device) -> tuple[int, float
     """(bytes of the .mess file, seconds of the search) of one version; checked against the account."""
     fc = version.endswith("+fc")
     t0 = time.perf_counter()
-    c = fsk.compress(model, arch, version.removesuffix("+fc"), fc=fc, device=device)
+    c = compress(model, version.removesuffix("+fc"), arch=arch, fc=fc, device=device)
     seconds = time.perf_counter() - t0
     path = tmp / f"{version}.mess"
-    n = packed.write_mess(path, {"model": c.state_dict, "mess": c.mess, "arch": spec})
-    back = packed.read_mess(path)
-    account_bytes = math.ceil(fsk.storage_account(c.state_dict, c.mess).mess_bits / 8)
+    n = write_mess(path, {**c.checkpoint(), "arch": spec})
+    back = read_mess(path)
+    account_bytes = math.ceil(storage_account(c.state_dict, c.entry).mess_bits / 8)
     assert n - back["packed"]["header_bytes"] == account_bytes, (version, n, account_bytes)
     return n, seconds
 
@@ -128,7 +131,7 @@ def get_args_parser():
 
 def main(args):
     for v in args.versions:
-        fsk.get_version(v.removesuffix("+fc"))
+        get_version(v.removesuffix("+fc"))
     device = select_device(args.cuda, [0])
     rows = run(args.models, args.versions, device)
     table = markdown(rows, args.versions)

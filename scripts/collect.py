@@ -5,7 +5,7 @@
     python scripts/collect.py --show results/t.csv
 
 Everything after ``--`` is main.py's flags for the model (and device); each checkpoint is evaluated
-in this one process with ``main.py -E`` and sized with the storage account of DESIGN.md section 5.
+in this one process with ``main.py -E`` and sized with the storage account of docs/design.md §5.
 The sweep scripts in this folder call it once per model.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def describe(ckpt: dict) -> tuple[str, str]:
 
 def collect(table: Path, sweep: str, ckpts: list[str], main_argv: list[str]) -> list[dict]:
     import main
-    from find_similar_kernel import storage_account
+    from mess.account import storage_account
     from utils import append_csv, load_checkpoint, resolve_ckpt
 
     rows = []
@@ -49,7 +49,7 @@ def collect(table: Path, sweep: str, ckpts: list[str], main_argv: list[str]) -> 
         args = main.get_args_parser().parse_args([*main_argv, "-E", "--ckpt", name])
         out = main.main(args)
         ck = load_checkpoint(resolve_ckpt(name, out["ckpt_dir"]))
-        acc = storage_account(ck["model"], mess=ck.get("mess"), quant=ck.get("quant"))
+        acc = storage_account(ck["model"], ck.get("mess"), quant=ck.get("quant"))
         stage, fmt = describe(ck)
         rows.append({"sweep": sweep, "dataset": args.dataset, "model": Path(out["ckpt_dir"]).parent.name,
                      "ckpt": Path(name).name, "stage": stage, "format": fmt,

@@ -8,7 +8,7 @@
 #   DATAPATH     where the datasets are (main.py's --datapath); unset: main.py's default
 #   TRAIN        1: train the baseline ckpt_best.pth first; 0: use the one that is there
 #   NEW          1: retrain with -N -s S (the original's: search again every S epochs);
-#                0: retrain in MESS form with k fixed (DESIGN.md section 6)
+#                0: retrain in MESS form with k fixed (docs/design.md §6)
 #   TABLE        the CSV the results go to (default: results/<script>.csv)
 #   PYTHON       the interpreter (default: python3)
 set -euo pipefail
@@ -40,12 +40,10 @@ collect() {
 }
 show_table() { "$PYTHON" "$ROOT/scripts/collect.py" --show "$TABLE"; }
 
-# the stem of the checkpoint find_similar_kernel.py writes: mess_name STEM VERSION QB QBA QBB
-mess_name() {
-    "$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); from find_similar_kernel import output_name
-print(output_name(sys.argv[2], sys.argv[3], np=False, qb=int(sys.argv[4]), qba=int(sys.argv[5]),
-                  qbb=int(sys.argv[6]), bind_size=2, pw_bind_size=None)[:-len('.pth')])" "$ROOT" "$@"
-}
+# a file name as the tools write it, from the one naming function (mess/names.py): name WHAT ARGS...
+#   name compressed STEM -v VERSION [--qb N --qba N --qbb N ...]   name quantized STEM --qb N
+#   name retrained CKPT.pth [-Q N] [-N -s S]
+name() { (cd "$ROOT" && "$PYTHON" -m mess.names "$@"); }
 
 # "--layers N" for the architectures that have depths (VGG its own, VGG_LAYERS), nothing for the others
 depths() {
@@ -66,7 +64,7 @@ each_model() {
 }
 
 # retraining flags and the suffix they add to checkpoint names (-N: _s<S>, as the original's)
-if [ "$NEW" = 1 ]; then RT_NEW=(-N -s "$S"); RT_SFX="_s$S"; else RT_NEW=(); RT_SFX=""; fi
+if [ "$NEW" = 1 ]; then RT_NEW=(-N -s "$S"); else RT_NEW=(); fi
 
 # drop the per-epoch files of a run, keeping _best (the original's rm -f checkpoint/*/*/..._epoch_*.pth)
 clean_epochs() { rm -f checkpoint/*/"$1"/"$2"_epoch_*.pth; }
@@ -84,18 +82,21 @@ train_baseline() {
 # evaluated with the float baseline into $TABLE. quant_vs_v2qq DATA MODEL-FLAGS...
 quant_vs_v2qq() {
     local data="$1"; shift
-    local ckpts=(ckpt_best.pth) qb
+    local ckpts=(ckpt_best.pth) qb q qrt m mrt
     for qb in $QBS; do
+        q="$(name quantized ckpt_best --qb "$qb")"
+        qrt="$(name retrained "$q" -Q "$qb")"
+        m="$(name compressed ckpt_best -v v2qq --qb "$qb")"
+        mrt="$(name retrained "$m" "${RT_NEW[@]}")"
         run_quantize "$data" "$@" --ckpt ckpt_best.pth --qb "$qb"
         run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
-            -T -Q --qb "$qb" --ckpt "ckpt_best_q$qb.pth"
-        clean_epochs "$data" "ckpt_rt1_q$qb"
+            -T -Q --qb "$qb" --ckpt "$q"
+        clean_epochs "$data" "${qrt%_best.pth}"
         run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v v2qq --qb "$qb"
         run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
-            -T --ckpt "ckpt_best_v2qq_q${qb}88.pth" "${RT_NEW[@]}" -v v2qq --qb "$qb"
-        clean_epochs "$data" "ckpt_rt1_v2qq_q${qb}88$RT_SFX"
-        ckpts+=("ckpt_best_q$qb.pth" "ckpt_rt1_q${qb}_best.pth"
-                "ckpt_best_v2qq_q${qb}88.pth" "ckpt_rt1_v2qq_q${qb}88${RT_SFX}_best.pth")
+            -T --ckpt "$m" "${RT_NEW[@]}" -v v2qq --qb "$qb"
+        clean_epochs "$data" "${mrt%_best.pth}"
+        ckpts+=("$q" "$qrt" "$m" "$mrt")
     done
     collect "$data" "$@" -- "${ckpts[@]}"
 }
@@ -105,15 +106,15 @@ quant_vs_v2qq() {
 # mess_sweep VERSION DATA MODEL-FLAGS...
 mess_sweep() {
     local version="$1" data="$2"; shift 2
-    local ckpts=(ckpt_best.pth) qb stem rt
+    local ckpts=(ckpt_best.pth) qb m rt
     for qb in $QBS; do
         run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v "$version" --qb "$qb"
-        stem="$(mess_name ckpt_best "$version" "$qb" 8 8)"
-        rt="ckpt_rt1_${stem#ckpt_best_}$RT_SFX"
+        m="$(name compressed ckpt_best -v "$version" --qb "$qb")"
+        rt="$(name retrained "$m" "${RT_NEW[@]}")"
         run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
-            -T --ckpt "$stem.pth" "${RT_NEW[@]}" -v "$version"
-        clean_epochs "$data" "$rt"
-        ckpts+=("$stem.pth" "${rt}_best.pth")
+            -T --ckpt "$m" "${RT_NEW[@]}" -v "$version"
+        clean_epochs "$data" "${rt%_best.pth}"
+        ckpts+=("$m" "$rt")
     done
     collect "$data" "$@" -- "${ckpts[@]}"
 }

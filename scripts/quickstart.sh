@@ -26,12 +26,13 @@ source "$(dirname "$0")/common.sh"
 m=(-a resnet --layers 20 $MODEL_FLAGS)
 run_main "$DATA" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" --sched cosine
 run_compress "$DATA" "${m[@]}" $GPUS --ckpt ckpt_best.pth -v "$VERSION" --qb "$QB" --qba "$QBA" --qbb "$QBB"
-mess="$(mess_name ckpt_best "$VERSION" "$QB" "$QBA" "$QBB")"  # as find_similar_kernel.py names it
+mess="$(name compressed ckpt_best -v "$VERSION" --qb "$QB" --qba "$QBA" --qbb "$QBB")"  # as it names it
 run_main "$DATA" "${m[@]}" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --sched cosine --lr "$RT_LR" \
-    -T --ckpt "$mess.pth" "${RT_NEW[@]}"
+    -T --ckpt "$mess" "${RT_NEW[@]}"
 rm -f "$TABLE"
-rt="ckpt_rt1_${mess#ckpt_best_}${RT_SFX}_best"
-collect "$DATA" "${m[@]}" -- ckpt_best.pth "$mess.pth" "$rt.pth"
+rt="$(name retrained "$mess" "${RT_NEW[@]}")"
+rt="${rt%.pth}"
+collect "$DATA" "${m[@]}" -- ckpt_best.pth "$mess" "$rt.pth"
 show_table
 # the packed network (README, "The packed .mess file"): the retrained checkpoint written as a .mess file,
 # evaluated straight from it, and the sizes on disk (float32 state_dict, .mess, ratio)

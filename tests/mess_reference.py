@@ -1,4 +1,4 @@
-"""A plain per-kernel MESS search, straight from DESIGN.md section 1: the yardstick the
+"""A plain per-kernel MESS search, straight from docs/design.md §1: the yardstick the
 vectorized search is tested and benchmarked against. One target at a time, against the
 whole bank; bank vectors built with explicit Python loops. Deliberately slow."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 EPS = 1e-8
 
-# DESIGN.md section 3, written out independently of find_similar_kernel.VERSION_SPECS
+# docs/design.md §3, written out independently of find_similar_kernel.VERSION_SPECS
 VERSION_SEARCH = {
     "v2": {}, "v2q": {}, "v2qq": {}, "v2f": {},
     "v2qq-epsv1": {"eps_mode": "add"}, "v2qq-epsv2": {"eps_mode": "replace"},
@@ -92,7 +92,7 @@ def pointwise_targets(weight: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def linear_quantize(x: torch.Tensor, bits: int):
-    """DESIGN.md section 3, value by value."""
+    """docs/design.md §3, value by value."""
     lo, hi = float(x.min()), float(x.max())
     if lo == hi:
         return x.clone(), 0.0

@@ -8,7 +8,7 @@ from test_packed import make_model
 import check_model_params as cmp
 import find_similar_kernel as fsk
 import models
-import packed
+from mess.packed_read import read_mess
 from utils import run_cli as run_cli_inprocess
 from utils import save_checkpoint
 
@@ -119,4 +119,4 @@ def test_cli_subprocess(ckpts):
     rc, out, err = run_cli("check_model_params.py", *ARGV, "--ckpt", r["mess_path"].name, cwd=".")
     assert rc == 0, err
     assert "layer3.2.conv2" in out and "k4 a8 b8" in out and "compression ratio" in out
-    assert packed.read_mess(r["mess_path"])["mess"]["version"] == "v2qq"
+    assert read_mess(r["mess_path"])["mess"]["version"] == "v2qq"

@@ -15,8 +15,10 @@ import torch
 from mess_reference import VERSION_SEARCH
 from test_search import _layers, _vectors
 
-import find_similar_kernel as fsk
 from config import VERSIONS
+from mess import fused
+from mess.blocking import block_size
+from mess.search import residual_argmin, search
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +29,10 @@ def cpu(request):
     """The CPU, with the fused kernel of the parameter built; skips where it cannot be (the
     fallback tests below still run)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fsk, "FUSED_CPU_KERNEL", request.param)
+        mp.setattr(fused, "FUSED_CPU_KERNEL", request.param)
         g = torch.Generator().manual_seed(0)
-        fsk.search(torch.randn(4, 9, generator=g), torch.randn(3, 9, generator=g), fused=True)
-        if fsk._compiled.get(request.param if request.param == "c++" else "inductor-cpu") is None:
+        search(torch.randn(4, 9, generator=g), torch.randn(3, 9, generator=g), fused=True)
+        if fused._compiled.get(request.param if request.param == "c++" else "inductor-cpu") is None:
             pytest.skip(f"the {request.param} kernel cannot be built here (no C++ compiler?)")
         yield torch.device("cpu")
 
@@ -45,7 +47,7 @@ def assert_identical(plain, fused):
 
 
 def both(bank, tgt, device, **kw):
-    return fsk.search(bank, tgt, device=device, fused=False, **kw), fsk.search(bank, tgt, device=device,
+    return search(bank, tgt, device=device, fused=False, **kw), search(bank, tgt, device=device,
                                                                               fused=True, **kw)
 
 
@@ -92,12 +94,12 @@ def test_ties_go_to_the_smallest_index(cpu):
 def test_blocks_padding_and_a_bank_of_one(cpu):
     g = torch.Generator().manual_seed(4)
     bank, tgt = torch.randn(30, 9, generator=g), torch.randn(50, 9, generator=g)
-    assert fsk.block_size(30, cpu, 16 * 7, fused=True) == 7  # inductor: 7 blocks of 7, then a block of 1
-    whole = fsk.search(bank, tgt, fused=False)
-    assert_identical(whole, fsk.search(bank, tgt, fused=True, budget_bytes=16 * 7))
-    assert_identical(fsk.search(bank[:1], tgt, fused=False), fsk.search(bank[:1], tgt, fused=True))
-    assert_identical(fsk.search(bank, tgt[:1], fused=False), fsk.search(bank, tgt[:1], fused=True))
-    empty = fsk.search(bank, tgt[:0], fused=True)
+    assert block_size(30, cpu, 16 * 7, fused=True) == 7  # inductor: 7 blocks of 7, then a block of 1
+    whole = search(bank, tgt, fused=False)
+    assert_identical(whole, search(bank, tgt, fused=True, budget_bytes=16 * 7))
+    assert_identical(search(bank[:1], tgt, fused=False), search(bank[:1], tgt, fused=True))
+    assert_identical(search(bank, tgt[:1], fused=False), search(bank, tgt[:1], fused=True))
+    empty = search(bank, tgt[:0], fused=True)
     assert empty.k.shape == (0,) and empty.alpha.shape == (0,)
 
 
@@ -108,49 +110,49 @@ def test_residual_fn_still_runs_the_plain_path(cpu):
 
     def spy(alpha, c_r_t, c_w):
         calls.append(alpha.shape)
-        return fsk.residual_argmin(alpha, c_r_t, c_w)
+        return residual_argmin(alpha, c_r_t, c_w)
 
-    assert_identical(fsk.search(bank, tgt, fused=False), fsk.search(bank, tgt, fused=True, residual_fn=spy))
+    assert_identical(search(bank, tgt, fused=False), search(bank, tgt, fused=True, residual_fn=spy))
     assert calls
 
 
 def test_path_choice(monkeypatch):
-    monkeypatch.setattr(fsk, "_compiled", {})
-    monkeypatch.setattr(fsk, "FUSED_CPU_KERNEL", "c++")
-    monkeypatch.delenv(fsk.SEARCH_ENV, raising=False)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "FUSED_CPU_KERNEL", "c++")
+    monkeypatch.delenv(fused.SEARCH_ENV, raising=False)
     dev = torch.device("cpu")
-    assert fsk.use_fused(None, fsk.FUSED_MIN_PAIRS["cpu"], dev)  # auto: large searches fuse
-    assert not fsk.use_fused(None, fsk.FUSED_MIN_PAIRS["cpu"] - 1, dev)  # small ones don't pay for compiling
-    assert fsk.use_fused(True, 1, dev) and not fsk.use_fused(False, 10**12, dev)
-    monkeypatch.setenv(fsk.SEARCH_ENV, "plain")
-    assert not fsk.use_fused(None, 10**12, dev)
-    assert fsk.use_fused(True, 1, dev)  # the argument wins over the environment
-    monkeypatch.setenv(fsk.SEARCH_ENV, "fused")
-    assert fsk.use_fused(None, 1, dev)
-    monkeypatch.setenv(fsk.SEARCH_ENV, "fast")
+    assert fused.use_fused(None, fused.FUSED_MIN_PAIRS["cpu"], dev)  # auto: large searches fuse
+    assert not fused.use_fused(None, fused.FUSED_MIN_PAIRS["cpu"] - 1, dev)  # small: compiling costs more
+    assert fused.use_fused(True, 1, dev) and not fused.use_fused(False, 10**12, dev)
+    monkeypatch.setenv(fused.SEARCH_ENV, "plain")
+    assert not fused.use_fused(None, 10**12, dev)
+    assert fused.use_fused(True, 1, dev)  # the argument wins over the environment
+    monkeypatch.setenv(fused.SEARCH_ENV, "fused")
+    assert fused.use_fused(None, 1, dev)
+    monkeypatch.setenv(fused.SEARCH_ENV, "fast")
     with pytest.raises(UserError, match="MESS_SEARCH=fast: choose auto, fused or plain"):
-        fsk.use_fused(None, 1, dev)
-    fsk._compiled["c++"] = None  # building the kernel failed before: never again in this process
-    monkeypatch.setenv(fsk.SEARCH_ENV, "fused")
-    assert not fsk.use_fused(True, 10**12, dev) and not fsk.use_fused(None, 10**12, dev)
+        fused.use_fused(None, 1, dev)
+    fused._compiled["c++"] = None  # building the kernel failed before: never again in this process
+    monkeypatch.setenv(fused.SEARCH_ENV, "fused")
+    assert not fused.use_fused(True, 10**12, dev) and not fused.use_fused(None, 10**12, dev)
 
 
 def test_fallback_when_the_cpu_kernel_cannot_be_built(monkeypatch, capsys):
     def no_compiler():
         raise RuntimeError("no C++ compiler found (g++, c++, clang++)\nmore detail")
 
-    monkeypatch.setattr(fsk, "_compiled", {})
-    monkeypatch.setattr(fsk, "FUSED_CPU_KERNEL", "c++")
-    monkeypatch.setattr(fsk, "_build_cpu_kernel", no_compiler)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "FUSED_CPU_KERNEL", "c++")
+    monkeypatch.setattr(fused, "_build_cpu_kernel", no_compiler)
     g = torch.Generator().manual_seed(6)
     bank, tgt = torch.randn(24, 9, generator=g), torch.randn(200, 9, generator=g)
-    plain = fsk.search(bank, tgt, fused=False)
-    assert_identical(plain, fsk.search(bank, tgt, fused=True))
-    assert_identical(plain, fsk.search(bank, tgt, fused=True))
+    plain = search(bank, tgt, fused=False)
+    assert_identical(plain, search(bank, tgt, fused=True))
+    assert_identical(plain, search(bank, tgt, fused=True))
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: fused search unavailable (c++ kernel: RuntimeError: no C++ compiler found (g++, "
                    "c++, clang++)); using the plain search"]  # once
-    assert fsk._compiled["c++"] is None
+    assert fused._compiled["c++"] is None
 
 
 def test_fallback_when_torch_compile_fails(monkeypatch, capsys):
@@ -159,30 +161,30 @@ def test_fallback_when_torch_compile_fails(monkeypatch, capsys):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
         return compiled
 
-    monkeypatch.setattr(fsk, "_compiled", {})
-    monkeypatch.setattr(fsk, "FUSED_CPU_KERNEL", "inductor")
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "FUSED_CPU_KERNEL", "inductor")
     monkeypatch.setattr(torch, "compile", broken_compile)  # fails at the first call, as Inductor does
     g = torch.Generator().manual_seed(6)
     bank, tgt = torch.randn(24, 9, generator=g), torch.randn(200, 9, generator=g)
-    plain = fsk.search(bank, tgt, fused=False)
-    assert_identical(plain, fsk.search(bank, tgt, fused=True))
-    assert_identical(plain, fsk.search(bank, tgt, fused=True))
+    plain = search(bank, tgt, fused=False)
+    assert_identical(plain, search(bank, tgt, fused=True))
+    assert_identical(plain, search(bank, tgt, fused=True))
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: fused search unavailable (inductor-cpu kernel: RuntimeError: "
                    "InvalidCxxCompiler: No working C++ compiler found); using the plain search"]
-    assert fsk._compiled["inductor-cpu"] is None
+    assert fused._compiled["inductor-cpu"] is None
 
 
 def test_no_compiler_never_breaks_the_search(tmp_path):
     """A machine without a C++ compiler, for real: the search answers anyway, plain."""
-    script = ("import torch, find_similar_kernel as fsk\n"
+    script = ("import torch\nfrom mess.search import search\n"
               "g = torch.Generator().manual_seed(7)\n"
               "bank, tgt = torch.randn(24, 9, generator=g), torch.randn(200, 9, generator=g)\n"
-              "a, b = fsk.search(bank, tgt, fused=False), fsk.search(bank, tgt, fused=True)\n"
+              "a, b = search(bank, tgt, fused=False), search(bank, tgt, fused=True)\n"
               "print('same' if torch.equal(a.k, b.k) and torch.equal(a.alpha, b.alpha) else 'different')\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), CXX="no-such-c++-compiler",
                TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
-    env.pop(fsk.SEARCH_ENV, None)
+    env.pop(fused.SEARCH_ENV, None)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "same"
@@ -199,7 +201,7 @@ def test_cuda_fused_equals_plain(version, data):
     bank_w, tgt_w = _layers("kernel", data)
     _, (bank, tgt) = _vectors(version, "kernel", bank_w, tgt_w)
     plain, fused = both(bank, tgt, dev, **version_kwargs(version))
-    assert fsk._compiled.get("inductor-cuda") is not None, "the fused kernel did not compile on CUDA"
+    assert fused._compiled.get("inductor-cuda") is not None, "the fused kernel did not compile on CUDA"
     assert_identical(plain, fused)
     g = torch.Generator().manual_seed(8)
     bank, tgt = torch.randn(192, 9, generator=g), torch.randn(50000, 9, generator=g)

@@ -1,4 +1,4 @@
-"""find_similar_kernel.py end to end: the checkpoint contract (DESIGN.md section 4), file names,
+"""find_similar_kernel.py end to end: the checkpoint contract (docs/design.md §4), file names,
 the storage account against a hand count (section 5), and user errors."""
 import hashlib
 
@@ -10,6 +10,9 @@ from mess_reference import kernel_bank, pointwise_bank
 import find_similar_kernel as fsk
 import models
 from config import VERSIONS
+from mess.account import storage_account, summarize
+from mess.entry import Entry
+from mess.settings import VERSION_SPECS
 from utils import run_cli as run_cli_inprocess
 from utils import save_checkpoint
 
@@ -60,12 +63,12 @@ def on_grid(x, scale, bits):
 
 
 def check_contract(out, src_sd, version, qb=8, qba=8, qbb=8):
-    """Everything DESIGN.md section 4 promises about a MESS checkpoint."""
+    """Everything docs/design.md §4 promises about a MESS checkpoint."""
     ck = torch.load(out, map_location="cpu", weights_only=True)
     sd, mess = ck["model"], ck["mess"]
     assert mess["version"] == version and ck["epoch"] == 3 and ck["arch"]["arch"]
     assert "optimizer" not in ck
-    spec = fsk.VERSION_SPECS[version]
+    spec = VERSION_SPECS[version]
     covered = set()
     for kind in ("kernel", "pointwise"):
         path = mess[kind]
@@ -105,7 +108,7 @@ def check_contract(out, src_sd, version, qb=8, qba=8, qbb=8):
                     assert on_grid(e["beta"], e["beta_scale"], qbb)
             else:
                 assert e["alpha_scale"] is None
-    rebuilt = fsk.reconstruct_state_dict(sd, mess)
+    rebuilt = Entry.from_dict(mess).reconstruct(sd)
     assert all(torch.equal(rebuilt[k], sd[k]) for k in sd)
     for k, v in src_sd.items():  # what is not covered is untouched
         if k not in covered:
@@ -125,7 +128,7 @@ def test_every_version_writes_a_valid_checkpoint(in_tmp, version):
     ck = check_contract(res["path"], src_sd, version)
     assert ck["mess"]["pointwise"] is not None
     assert digest(src) == before
-    s = fsk.summarize(ck)
+    s = summarize(ck)
     assert version in s and f"{res['ratio']:.2f}x" in s and len(s.splitlines()) == 2
 
 
@@ -186,8 +189,8 @@ def test_storage_account_matches_hand_count(in_tmp, version):
     assert acc.mess_bits == HAND[version], (acc.mess_bits, HAND[version])
     assert r["ratio"] == pytest.approx(FP32 / HAND[version])
     ck = torch.load(r["path"], weights_only=True)
-    assert fsk.storage_account(ck["model"], ck["mess"]).mess_bits == HAND[version]
-    assert f"{FP32:,}" in fsk.summarize(ck) and src
+    assert storage_account(ck["model"], ck["mess"]).mess_bits == HAND[version]
+    assert f"{FP32:,}" in summarize(ck) and src
 
 
 def test_account_parts_are_per_tensor(in_tmp):

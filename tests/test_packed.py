@@ -21,6 +21,13 @@ import find_similar_kernel as fsk
 import models
 import packed
 from config import VERSIONS
+from mess import bits, packed_read
+from mess.account import storage_account
+from mess.bits import BitWriter, read_bits
+from mess.compress import compress
+from mess.layers import bank_vectors, plan_layers, put_vectors, reconstruct
+from mess.packed_read import read_mess, unpack
+from mess.packed_write import pack, same, write_mess
 from utils import UserError, save_checkpoint
 
 ARCHS = {  # arch: (layers, -pwd): small widths; -pwd 2 fits ResNet-20's 4-channel 1x1 shortcut at width 0.25
@@ -55,8 +62,8 @@ def compressed(arch, version, fc):
     if arch not in _MODELS:
         _MODELS[arch] = make_model(arch)
     m = _MODELS[arch]
-    c = fsk.compress(m, arch, version, pw_bind_size=ARCHS[arch][1], fc=fc)
-    return m, {"model": c.state_dict, "mess": c.mess, "arch": spec(arch), "epoch": 3}
+    c = compress(m, version, arch=arch, pw_bind_size=ARCHS[arch][1], fc=fc)
+    return m, {"model": c.state_dict, "mess": c.entry.to_dict(), "arch": spec(arch), "epoch": 3}
 
 
 def logits(arch, sd, x):
@@ -69,7 +76,7 @@ def logits(arch, sd, x):
 def assert_same_ckpt(back, ck):
     assert list(back["model"]) == list(ck["model"])
     for k, v in ck["model"].items():
-        assert packed._same(back["model"][k], v), k
+        assert same(back["model"][k], v), k
     for kind in ("kernel", "pointwise"):
         a, b = ck["mess"][kind], back["mess"][kind]
         assert (a is None) == (b is None)
@@ -99,8 +106,8 @@ def assert_same_ckpt(back, ck):
 ])
 def test_fc_layers_join_the_pointwise_path(arch, dataset, layers, flags, bank, targets):
     model = models.build_model(arch, dataset, layers, 0.25)
-    without = fsk.plan_layers(model, arch, **flags)["pointwise"]
-    plan = fsk.plan_layers(model, arch, fc=True, **flags)["pointwise"]
+    without = plan_layers(model, arch, **flags)["pointwise"]
+    plan = plan_layers(model, arch, fc=True, **flags)["pointwise"]
     if bank is None:
         assert plan is None
         return
@@ -114,14 +121,14 @@ def test_fc_bank_narrower_than_pwd_is_refused():
     model = models.build_model("vgg", "cifar10", 11, 0.25)  # classifier.0 takes 128 features
     with pytest.raises(UserError, match="-pwd 256 is wider than the 128 input features of the pointwise bank "
                                         "layer classifier.0; use -pwd 128 or less$"):
-        fsk.plan_layers(model, "vgg", fc=True, pw_bind=256)
+        plan_layers(model, "vgg", fc=True, pw_bind=256)
 
 
 # ---------------------------------------------------------------- bit streams
 def test_bit_streams_round_trip(monkeypatch):
-    monkeypatch.setattr(packed, "CHUNK_BITS", 96)  # many chunks, each starting mid-byte
+    monkeypatch.setattr(bits, "CHUNK_BITS", 96)  # many chunks, each starting mid-byte
     rng = np.random.default_rng(0)
-    w, ref = packed.BitWriter(), []
+    w, ref = BitWriter(), []
     for width in [0, 1, 3, 4, 7, 8, 9, 12, 16, 23, 33, 5, 0, 2]:
         v = rng.integers(0, 2**width, int(rng.integers(0, 300)), dtype=np.uint64)
         w.write(v, width)
@@ -131,7 +138,7 @@ def test_bit_streams_round_trip(monkeypatch):
     assert buf.dtype == np.uint8 and len(buf) == (w.nbits + 7) // 8
     off = 0
     for v, width in ref:
-        assert np.array_equal(packed.read_bits(buf, off, len(v), width), v)
+        assert np.array_equal(read_bits(buf, off, len(v), width), v)
         off += len(v) * width
 
 
@@ -148,14 +155,14 @@ def test_round_trip_logits_and_size(one_thread, arch, version, fc):
         fcs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
         p = mess["pointwise"]
         assert set(fcs) - {p["bank"]} <= set(p["layers"])
-    buf = packed.pack(ck)
-    back = packed.unpack(buf)
+    buf = pack(ck)
+    back = unpack(buf)
     assert_same_ckpt(back, ck)
     assert back["arch"] == ck["arch"] and back["epoch"] == 3
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(arch, back["model"], x), logits(arch, ck["model"], x))
     # size: exactly the account's bits in whole bytes after a header that does not grow with the weights
-    acc = fsk.storage_account(ck["model"], mess)
+    acc = storage_account(ck["model"], mess)
     header = back["packed"]["header_bytes"]
     assert len(buf) - header == math.ceil(acc.mess_bits / 8)
     assert header < HEADER_LIMIT and len(buf) <= 1.01 * acc.mess_bits / 8 + HEADER_LIMIT
@@ -164,32 +171,32 @@ def test_round_trip_logits_and_size(one_thread, arch, version, fc):
 def test_float_and_plain_quantized_checkpoints_pack_too():
     m = make_model("mobilenet")
     sd = m.state_dict()
-    back = packed.unpack(packed.pack({"model": sd, "arch": spec("mobilenet")}))
+    back = unpack(pack({"model": sd, "arch": spec("mobilenet")}))
     assert all(torch.equal(back["model"][k], v) for k, v in sd.items()) and "mess" not in back
     from quantize import conv_layers, quantize_layers
     q = {k: v.clone() for k, v in sd.items()}
     scales = quantize_layers(q, conv_layers(m), 6)
     ck = {"model": q, "quant": {"bits": 6, "scales": scales}}
-    buf = packed.pack(ck)
-    back = packed.unpack(buf)
-    assert all(packed._same(back["model"][k], v) for k, v in q.items())
+    buf = pack(ck)
+    back = unpack(buf)
+    assert all(same(back["model"][k], v) for k, v in q.items())
     assert back["quant"]["bits"] == 6 and set(back["quant"]["scales"]) == set(scales)
-    acc = fsk.storage_account(q, quant=ck["quant"])
+    acc = storage_account(q, quant=ck["quant"])
     assert len(buf) - back["packed"]["header_bytes"] == math.ceil(acc.mess_bits / 8)
 
 
 def test_constant_tensors_and_scale_zero():
-    """A constant tensor has scale 0 (quantize.linear_quantize): it is stored as its value with q = 1."""
+    """A constant tensor has scale 0 (linear_quantize): it is stored as its value with q = 1."""
     m, ck = compressed("resnet", "v2qq", False)
     ck = {**ck, "model": dict(ck["model"])}
     e = ck["mess"]["kernel"]["layers"]["layer1.0.conv1"]
     alpha = torch.full_like(e["alpha"], -0.375)
     ck["mess"] = {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
         **ck["mess"]["kernel"]["layers"], "layer1.0.conv1": {**e, "alpha": alpha, "alpha_scale": 0.0}}}}
-    vec = fsk.reconstruct(fsk.bank_vectors(ck["model"]["conv1.weight"], "kernel"), e["k"], alpha, e["beta"])
+    vec = reconstruct(bank_vectors(ck["model"]["conv1.weight"], "kernel"), e["k"], alpha, e["beta"])
     key = "layer1.0.conv1.weight"
-    ck["model"][key] = fsk.put_vectors(ck["model"][key], vec, "kernel")
-    back = packed.unpack(packed.pack(ck))
+    ck["model"][key] = put_vectors(ck["model"][key], vec, "kernel")
+    back = unpack(pack(ck))
     assert torch.equal(back["model"]["layer1.0.conv1.weight"], ck["model"]["layer1.0.conv1.weight"])
     assert back["mess"]["kernel"]["layers"]["layer1.0.conv1"]["alpha_scale"] == -0.375
 
@@ -198,7 +205,7 @@ def test_big_models_keep_a_small_header():
     # the header grows with the number of tensors, not with their size: ResNet-152 has ~930 of them
     for arch, dataset, layers in (("resnet", "imagenet", 152), ("resnet", "cifar10", 110)):
         m = models.build_model(arch, dataset, layers, 0.125)
-        buf = packed.pack({"model": m.state_dict(), "arch": None})
+        buf = pack({"model": m.state_dict(), "arch": None})
         (n,) = struct.unpack("<Q", buf[:8])
         assert n + 8 < HEADER_LIMIT, (arch, layers, n)
 
@@ -210,28 +217,28 @@ def test_writer_refuses_a_checkpoint_that_breaks_the_contract(tmp_path):
     bad = {**ck, "model": {**ck["model"]}}
     bad["model"]["layer1.0.conv1.weight"] = bad["model"]["layer1.0.conv1.weight"] + 1e-3
     with pytest.raises(UserError, match="differs from what its MESS entry rebuilds"):
-        packed.write_mess(out, bad)
+        write_mess(out, bad)
     e = ck["mess"]["kernel"]["layers"]["layer1.0.conv2"]
     off_grid = {**e, "alpha": e["alpha"] + 1e-4}
     bad = {**ck, "mess": {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
         **ck["mess"]["kernel"]["layers"], "layer1.0.conv2": off_grid}}}}
     with pytest.raises(UserError, match="not on the 8-bit grid"):
-        packed.write_mess(out, bad)
+        write_mess(out, bad)
     bad_k = {**e, "k": e["k"] + 100}
     bad = {**ck, "mess": {**ck["mess"], "kernel": {**ck["mess"]["kernel"], "layers": {
         **ck["mess"]["kernel"]["layers"], "layer1.0.conv2": bad_k}}}}
     with pytest.raises(UserError, match="below the bank size 12"):
-        packed.write_mess(out, bad)
+        write_mess(out, bad)
     with pytest.raises(UserError, match="float64"):
-        packed.write_mess(out, {"model": {"w": torch.zeros(3, dtype=torch.float64)}})
+        write_mess(out, {"model": {"w": torch.zeros(3, dtype=torch.float64)}})
     assert list(tmp_path.iterdir()) == []
-    assert packed.write_mess(out, ck) == out.stat().st_size
+    assert write_mess(out, ck) == out.stat().st_size
 
 
 def test_interoperable_safetensors(tmp_path):
     from safetensors import safe_open
     _, ck = compressed("mobilenet", "v2nb", True)
-    packed.write_mess(tmp_path / "m.mess", ck)
+    write_mess(tmp_path / "m.mess", ck)
     with safe_open(tmp_path / "m.mess", framework="numpy") as f:
         assert set(f.keys()) == {"f32", "bits"}
         meta = json.loads(f.metadata()["mess"])
@@ -273,7 +280,7 @@ def test_packed_cli_packs_any_checkpoint(in_tmp, capsys):
     argv = ["digits", "-a", "mobilenet", "--width-mult", "0.25", "--ckpt"]
     r = packed.main(packed.get_args_parser().parse_args(argv + ["ckpt_best.pth"]))
     assert r["path"].resolve() == (in_tmp / src).with_suffix(".mess")
-    back = packed.read_mess(r["path"])
+    back = read_mess(r["path"])
     sd = torch.load(src, weights_only=True)["model"]
     assert all(torch.equal(back["model"][k], v) for k, v in sd.items())
     assert back["epoch"] == 2 and back["best_acc1"] == 50.0 and "optimizer" not in back
@@ -307,16 +314,16 @@ def corrupt_files(tmp_path, buf):
 
 def test_bad_mess_files_are_user_errors(in_tmp):
     _, ck = compressed("resnet", "v2qq", False)
-    buf = packed.pack(ck)
+    buf = pack(ck)
     for name, (_, needle) in corrupt_files(in_tmp, buf).items():
         with pytest.raises(UserError, match=needle) as e:
-            packed.read_mess(in_tmp / name)
+            read_mess(in_tmp / name)
         assert "\n" not in str(e.value)
 
 
 def test_main_evaluate_with_a_bad_mess_file_exits_2(in_tmp):
     _, ck = compressed("resnet", "v2qq", False)
-    buf = packed.pack(ck)
+    buf = pack(ck)
     files = corrupt_files(in_tmp, buf)
     for name in ("flipped.mess",):  # one subprocess: the in-process test above covers the other files
         rc, _, err = run_cli("main.py", "digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.25",
@@ -393,19 +400,19 @@ HOSTILE = [
 def test_hostile_files_are_refused(what, how, needle):
     _, ck = compressed("resnet", "v2qq", False)
     with pytest.raises(UserError, match=needle):
-        packed.unpack(forge(packed.pack(ck), **how))
+        unpack(forge(pack(ck), **how))
 
 
 def test_header_length_and_decoded_size_are_bounded(monkeypatch):
     _, ck = compressed("resnet", "v2qq", False)
-    buf = packed.pack(ck)
+    buf = pack(ck)
     with pytest.raises(UserError, match="header claims 18,446,744,073,709,551,615 bytes"):
-        packed.unpack(b"\xff" * 8 + buf[8:])
-    monkeypatch.setattr(packed, "MAX_EXPANSION", 2)  # the real limit is 4096; this file needs ~7
+        unpack(b"\xff" * 8 + buf[8:])
+    monkeypatch.setattr(packed_read, "MAX_EXPANSION", 2)  # the real limit is 4096; this file needs ~7
     with pytest.raises(UserError, match="more than 2 times its size"):
-        packed.unpack(buf)
+        unpack(buf)
     with pytest.raises(UserError, match="not valid JSON"):
-        packed.unpack(forge(buf, header_fn=lambda h: h).replace(b'"F32"', b'NaN  '))
+        unpack(forge(buf, header_fn=lambda h: h).replace(b'"F32"', b'NaN  '))
 
 
 # ---------------------------------------------------------------- fuzzing
@@ -430,7 +437,7 @@ _FUZZ = {}
 def fuzz_target():
     if not _FUZZ:
         _, ck = compressed("resnet", "v2qq", False)
-        buf = packed.pack(ck)
+        buf = pack(ck)
         _FUZZ.update(buf=buf, header=8 + struct.unpack("<Q", buf[:8])[0], model=ck["model"])
     return _FUZZ
 
@@ -440,14 +447,14 @@ def read_or_refuse(data):
     t = time.perf_counter()
     with address_space_cap(512 * 2**20):
         try:
-            back = packed.unpack(bytes(data))
+            back = unpack(bytes(data))
         except UserError as e:
             assert "\n" not in str(e)
             back = None
     assert time.perf_counter() - t < 10
     if back is not None:
         model = fuzz_target()["model"]
-        assert all(packed._same(back["model"][k], v) for k, v in model.items())
+        assert all(same(back["model"][k], v) for k, v in model.items())
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -504,7 +511,7 @@ def test_fuzz_hostile_metadata(data):
     t = time.perf_counter()
     with address_space_cap(512 * 2**20):
         try:
-            packed.unpack(forge(f["buf"], meta_fn=lambda m: (m.clear(), m.update(meta))))
+            unpack(forge(f["buf"], meta_fn=lambda m: (m.clear(), m.update(meta))))
         except UserError as e:
             assert "\n" not in str(e)
     assert time.perf_counter() - t < 10

@@ -1,4 +1,4 @@
-"""quantize.py: the linear quantization of DESIGN.md section 3 and the plain-quantization baseline CLI."""
+"""quantize.py: the linear quantization of docs/design.md §3 and the plain-quantization baseline CLI."""
 import hashlib
 
 import pytest
@@ -9,6 +9,8 @@ from test_mess_ckpt import make_ckpt
 
 import find_similar_kernel as fsk
 import quantize
+from mess.account import summarize
+from mess.quant import linear_quantize, quantize_alpha_beta
 from utils import UserError
 from utils import run_cli as run_cli_inprocess
 
@@ -18,7 +20,7 @@ MOBILENET = ["cifar10", "-a", "mobilenet", "--width-mult", "0.25"]
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 def test_linear_quantize_matches_the_formula(bits):
     x = torch.randn(500) * 0.3 + 0.05
-    xq, scale = quantize.linear_quantize(x, bits)
+    xq, scale = linear_quantize(x, bits)
     ref, ref_scale = loop_quantize(x, bits)
     assert scale == ref_scale == pytest.approx((x.max() - x.min()).item() / (2**bits - 1), rel=1e-6)
     assert torch.equal(xq, ref)
@@ -31,32 +33,32 @@ def test_linear_quantize_matches_the_formula(bits):
 def test_grid_is_centred_on_zero_and_clips():
     # the original's scheme: the grid spans (max - min), centred on 0, so an all-positive tensor clips
     x = torch.linspace(1.0, 2.0, 11)
-    xq, scale = quantize.linear_quantize(x, 4)
+    xq, scale = linear_quantize(x, 4)
     assert scale == pytest.approx(1.0 / 15)
     assert xq.max().item() == pytest.approx(7 * scale)
 
 
 def test_constant_tensor_is_kept():
     x = torch.full((3, 3), 0.7)
-    xq, scale = quantize.linear_quantize(x, 8)
+    xq, scale = linear_quantize(x, 8)
     assert scale == 0.0 and torch.equal(xq, x)
 
 
 @pytest.mark.parametrize("bits", [0, 1, 17, 32])
 def test_bits_outside_2_to_16_are_refused(bits):
     with pytest.raises(UserError, match="between 2 and 16"):
-        quantize.linear_quantize(torch.randn(4), bits)
+        linear_quantize(torch.randn(4), bits)
 
 
 def test_alpha_beta_quantization_per_layer():
     a, b = torch.randn(50), torch.randn(50) * 0.01
-    aq, sa, bq, sb = quantize.quantize_alpha_beta(a, b, 6, 4)
+    aq, sa, bq, sb = quantize_alpha_beta(a, b, 6, 4)
     assert sa == pytest.approx((a.max() - a.min()).item() / 63, rel=1e-6)
     assert sb == pytest.approx((b.max() - b.min()).item() / 15, rel=1e-6)
     assert len(aq.unique()) <= 64 and len(bq.unique()) <= 16
-    aq, sa, bq, sb = quantize.quantize_alpha_beta(a, None, 6, 4)
+    aq, sa, bq, sb = quantize_alpha_beta(a, None, 6, 4)
     assert bq is None and sb is None
-    aq, sa, bq, sb = quantize.quantize_alpha_beta(a, b, None, None)
+    aq, sa, bq, sb = quantize_alpha_beta(a, b, None, None)
     assert aq is a and sa is None and sb is None
 
 
@@ -75,7 +77,7 @@ def test_quantize_cli_writes_q_checkpoint(in_tmp):
     for k, v in sd.items():
         if k in convs:
             scale = ck["quant"]["scales"][k[:-len(".weight")]]
-            assert torch.equal(v, quantize.linear_quantize(src_sd[k], 4)[0])
+            assert torch.equal(v, linear_quantize(src_sd[k], 4)[0])
             assert len((v / scale).round().unique()) <= 16
         else:
             assert torch.equal(v, src_sd[k])
@@ -84,7 +86,7 @@ def test_quantize_cli_writes_q_checkpoint(in_tmp):
     n_float = sum(v.numel() for v in sd.values() if v.is_floating_point())
     assert res["account"].mess_bits == 4 * n_conv + 32 * len(convs) + 32 * (n_float - n_conv)
     assert res["account"].fp32_bits == 32 * n_float
-    assert "4-bit quantization" in fsk.summarize(ck) and f"{res['ratio']:.2f}x" in fsk.summarize(ck)
+    assert "4-bit quantization" in summarize(ck) and f"{res['ratio']:.2f}x" in summarize(ck)
     assert hashlib.sha256(open(src, "rb").read()).digest() == before
 
 

@@ -16,8 +16,22 @@ import find_similar_kernel as fsk
 import main
 import models
 import quantize
-import retrain
 from config import VERSIONS
+from mess.compress import compress, refit_fixed_k
+from mess.entry import LayerCode, NotRepresentable, PathEntry, check_representable
+from mess.layers import bank_vectors, plan_layers, target_vectors
+from mess.names import parse_name
+from mess.parametrize import (
+    Covered,
+    MessWeight,
+    clip_weights_,
+    export_entry,
+    nuclear_loss,
+    pcc_loss,
+    plain_state_dict,
+)
+from mess.parametrize import parametrize as mess_parametrize
+from mess.quant import conv_layers, latent_init, linear_quantize, ste_quantize
 from utils import run_cli as run_cli_inprocess
 
 MODEL = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.5"]
@@ -69,7 +83,7 @@ def assert_all_representable(res):
     assert res["saved"]
     for p in res["saved"]:
         ck = load(p)
-        retrain.check_representable(ck)
+        check_representable(ck)
         assert not any("parametrizations" in k for k in ck["model"])
 
 
@@ -112,8 +126,8 @@ def test_first_forward_is_the_compressed_network(work):
     model = models.build_model("resnet", "digits", 20, 0.5)
     model.load_state_dict(ck["model"])
     keys = list(model.state_dict())
-    retrain.parametrize_mess(model, ck["mess"])
-    sd = retrain.plain_state_dict(model, keys)
+    mess_parametrize(model, ck["mess"])
+    sd = plain_state_dict(model, keys)
     assert list(sd) == keys
     for k in keys:
         assert torch.equal(sd[k], ck["model"][k]), k
@@ -165,13 +179,13 @@ def test_gradients_match_finite_differences(kind, bind, transforms, bank_shape, 
     dd = dict(dtype=torch.float64)
     bank = nn.Conv2d(bank_shape[1], bank_shape[0], bank_shape[2], bias=False, **dd)
     target = nn.Conv2d(target_shape[1], target_shape[0], target_shape[2], bias=False, **dd)
-    n = fsk.bank_vectors(bank.weight, kind, bind, transforms).shape[0]
-    m = fsk.target_vectors(target.weight, kind, bind).shape[0]
+    n, length = bank_vectors(bank.weight, kind, bind, transforms).shape
+    m = target_vectors(target.weight, kind, bind).shape[0]
     k = torch.randint(0, n, (m,))
     k[1] = k[0]  # two vectors share a bank row: their gradients must add up in it
-    entry = {"k": k, "alpha": torch.randn(m, **dd), "beta": torch.randn(m, **dd)}
-    path = {"kind": kind, "bind": bind, "transforms": transforms}
-    parametrize.register_parametrization(target, "weight", retrain.MessWeight(bank, path, entry, None, None))
+    code = LayerCode(k, torch.randn(m, **dd), torch.randn(m, **dd))
+    path = PathEntry(kind, "bank", bind, transforms, length, n)
+    parametrize.register_parametrization(target, "weight", MessWeight(bank, path, code, None, None))
     mw = target.parametrizations.weight[0]
     x1, x2 = torch.randn(2, bank_shape[1], 5, 5, **dd), torch.randn(2, target_shape[1], 5, 5, **dd)
 
@@ -204,10 +218,10 @@ def test_gradients_match_finite_differences(kind, bind, transforms, bank_shape, 
 def test_every_version_stays_representable_while_training(version, arch, layers, width, fc):
     torch.manual_seed(0)
     model = models.build_model(arch, "digits", layers, width)
-    c = fsk.compress(model, arch, version, qb=4, qba=4, qbb=4, pw_bind_size=4 if fc else 8, fc=fc)
+    c = compress(model, version, arch=arch, qb=4, qba=4, qbb=4, pw_bind_size=4 if fc else 8, fc=fc)
     model.load_state_dict(c.state_dict)
     keys = list(model.state_dict())
-    retrain.parametrize_mess(model, c.mess)
+    mess_parametrize(model, c.entry)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(2):
@@ -215,9 +229,9 @@ def test_every_version_stays_representable_while_training(version, arch, layers,
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ck = {"model": retrain.plain_state_dict(model, keys), "mess": retrain.mess_entry(model, c.mess)}
-    retrain.check_representable(ck)
-    moved = [t for p in (c.mess["kernel"], c.mess["pointwise"]) if p for t in p["layers"]
+    ck = {"model": plain_state_dict(model, keys), "mess": export_entry(model, c.entry).to_dict()}
+    check_representable(ck)
+    moved = [t for _, t, _ in c.entry.targets()
              if not torch.equal(ck["model"][f"{t}.weight"], c.state_dict[f"{t}.weight"])]
     assert moved  # the covered weights trained
 
@@ -225,20 +239,20 @@ def test_every_version_stays_representable_while_training(version, arch, layers,
 def test_v2f_refit_agrees_with_the_search():
     torch.manual_seed(0)
     model = models.build_model("resnet", "digits", 20, 0.5)
-    c = fsk.compress(model, "resnet", "v2f", qb=4)
-    sd, mess = retrain.refit_fixed_k(model.state_dict(), c.mess)  # k given: alpha and beta as the search's
+    c = compress(model, "v2f", arch="resnet", qb=4)
+    sd, entry = refit_fixed_k(model.state_dict(), c.entry)  # k given: alpha and beta as the search's
     for k in sd:
         assert torch.equal(sd[k], c.state_dict[k]), k
-    for t, e in c.mess["kernel"]["layers"].items():
+    for t, code in c.entry.kernel.layers.items():
         for part in ("k", "alpha", "beta"):
-            assert torch.equal(mess["kernel"]["layers"][t][part], e[part]), (t, part)
-    retrain.check_representable({"model": sd, "mess": mess})
+            assert torch.equal(getattr(entry.kernel.layers[t], part), getattr(code, part)), (t, part)
+    check_representable({"model": sd, "mess": entry.to_dict()})
 
 
 def test_straight_through_quantizer_is_bit_exact():
     x = (torch.randn(200) * 0.3 + 0.1).requires_grad_()
-    y = retrain.ste_quantize(x, 3)
-    assert torch.equal(y, quantize.linear_quantize(x, 3)[0])  # what the forward sees is what is saved
+    y = ste_quantize(x, 3)
+    assert torch.equal(y, linear_quantize(x, 3)[0])  # what the forward sees is what is saved
     g = torch.randn(200)
     y.backward(g)
     assert torch.equal(x.grad, g)  # straight through
@@ -248,14 +262,14 @@ def test_straight_through_quantizer_is_bit_exact():
 @pytest.mark.parametrize("shift", [0.0, 0.2, -0.3, 1.5])
 def test_latent_init_gives_back_the_quantized_tensor(bits, shift):
     torch.manual_seed(bits)
-    xq, s = quantize.linear_quantize(torch.randn(300) * 0.2 + shift, bits)
-    again, s2 = quantize.linear_quantize(retrain.latent_init(xq, s, bits), bits)
+    xq, s = linear_quantize(torch.randn(300) * 0.2 + shift, bits)
+    again, s2 = linear_quantize(latent_init(xq, s, bits), bits)
     assert s2 == pytest.approx(s, rel=1e-6) and torch.allclose(again, xq, rtol=1e-6, atol=0)
 
 
 def covered(model):
-    plans = fsk.plan_layers(model, "resnet")
-    return [retrain.Covered(p.kind, p.bank, list(p.targets), p.bind, p.transforms)
+    plans = plan_layers(model, "resnet")
+    return [Covered(p.kind, p.bank, list(p.targets), p.bind, p.transforms)
             for p in plans.values() if p]
 
 
@@ -265,10 +279,10 @@ def nuclear_and_correlation(path):
     model = models.build_model("resnet", "digits", 20, 0.5)
     model.load_state_dict(load(path)["model"])
     paths = covered(model)
-    c = fsk.compress(model, "resnet", "v2")
-    index = {t: e["k"] for p in (c.mess["kernel"], c.mess["pointwise"]) if p for t, e in p["layers"].items()}
+    c = compress(model, "v2", arch="resnet")
+    index = {t: code.k for _, t, code in c.entry.targets()}
     with torch.no_grad():
-        return retrain.nuclear_loss(model, paths).item(), 1 - retrain.pcc_loss(model, paths, index).item()
+        return nuclear_loss(model, paths).item(), 1 - pcc_loss(model, paths, index).item()
 
 
 def test_nl_lowers_the_nuclear_norm_and_pl_raises_the_correlation(work):
@@ -298,7 +312,7 @@ def test_wclip_clamps_covered_weights(work):
     assert worst_z(res["saved"][0]) < 2.0 < worst_z(f"{CKPT_DIR}/ckpt_best.pth")
     w = torch.randn(1000)
     m, s = w.mean(), w.std()
-    retrain.clip_weights_([w], 1.5)
+    clip_weights_([w], 1.5)
     assert w.max() <= m + 1.5 * s + 1e-6 and w.min() >= m - 1.5 * s - 1e-6
 
 
@@ -307,7 +321,7 @@ def test_quantized_finetuning_stays_on_the_grid(work, capsys):
     assert [p.name for p in res["saved"]] == ["ckpt_rt1_q4_epoch_1.pth", "ckpt_rt1_q4_best.pth"]
     assert_all_representable(res)
     ck = load(res["saved"][0])
-    assert ck["quant"]["bits"] == 4 and set(ck["quant"]["scales"]) == set(quantize.conv_layers(
+    assert ck["quant"]["bits"] == 4 and set(ck["quant"]["scales"]) == set(conv_layers(
         models.build_model("resnet", "digits", 20, 0.5)))
     capsys.readouterr()
     run_main(TINY + ["-E", "--ckpt", "ckpt_rt1_q4_best.pth"])
@@ -342,30 +356,30 @@ def test_resume_of_a_retraining_run_is_exact(work, tmp_path_factory, monkeypatch
                 assert torch.equal(e[part], b["mess"][kind]["layers"][t][part]), (t, part)
     assert a["retrain"]["searches"] == b["retrain"]["searches"] == straight["searches"]
     assert resumed["history"][-1]["val_top1"] == straight["history"][-1]["val_top1"]
-    retrain.check_representable(b)
+    check_representable(b)
 
 
 def test_checkpoint_names():
-    assert retrain.parse_name("ckpt_best_v2qq_q888") == (0, "v2qq_q888")
-    assert retrain.parse_name("ckpt_rt1_v2qq_q888_best") == (1, "v2qq_q888")
-    assert retrain.parse_name("ckpt_rt12_v2qq_q888_s5_epoch_7") == (12, "v2qq_q888_s5")
-    assert retrain.parse_name("ckpt_epoch_50") == (0, "")
-    assert retrain.parse_name("ckpt_best_q8") == (0, "q8")
-    assert retrain.parse_name("ckpt_best_v2qq-epsv1_q888_eps1e-08") == (0, "v2qq-epsv1_q888_eps1e-08")
+    assert parse_name("ckpt_best_v2qq_q888") == (0, "v2qq_q888")
+    assert parse_name("ckpt_rt1_v2qq_q888_best") == (1, "v2qq_q888")
+    assert parse_name("ckpt_rt12_v2qq_q888_s5_epoch_7") == (12, "v2qq_q888_s5")
+    assert parse_name("ckpt_epoch_50") == (0, "")
+    assert parse_name("ckpt_best_q8") == (0, "q8")
+    assert parse_name("ckpt_best_v2qq-epsv1_q888_eps1e-08") == (0, "v2qq-epsv1_q888_eps1e-08")
 
 
 def test_check_representable_catches_a_tampered_checkpoint(work):
     ck = load(f"{CKPT_DIR}/{V2QQ}")
-    retrain.check_representable(ck)
+    check_representable(ck)
     t = next(iter(ck["mess"]["kernel"]["layers"]))
     bad = dict(ck, model=dict(ck["model"]))
     bad["model"][f"{t}.weight"] = ck["model"][f"{t}.weight"] * (1 + 1e-6)
-    with pytest.raises(retrain.NotRepresentable, match="differs"):
-        retrain.check_representable(bad)
+    with pytest.raises(NotRepresentable, match="differs"):
+        check_representable(bad)
     bad = dict(ck, mess=dict(ck["mess"], kernel=dict(ck["mess"]["kernel"])))
     bad["mess"]["kernel"]["bank_scale"] *= 1.01
-    with pytest.raises(retrain.NotRepresentable, match="grid"):
-        retrain.check_representable(bad)
+    with pytest.raises(NotRepresentable, match="grid"):
+        check_representable(bad)
 
 
 # ------------------------------------------------------------------ user errors
@@ -409,4 +423,4 @@ def test_two_processes_search_once_and_write_once(work, tmp_path):
     assert files == ["ckpt_rt1_v2qq_q344_pl1_s1_best.pth", "ckpt_rt1_v2qq_q344_pl1_s1_epoch_1.pth",
                      "ckpt_rt1_v2qq_q344_pl1_s1_epoch_2.pth"]
     for f in files:
-        retrain.check_representable(load(tmp_path / CKPT_DIR / f))
+        check_representable(load(tmp_path / CKPT_DIR / f))

@@ -10,9 +10,12 @@ from mess_reference import (
     pointwise_targets,
 )
 
-import find_similar_kernel as fsk
 import models
 from config import VERSIONS
+from mess.blocking import BUDGET_BYTES, CPU_BLOCK_PAIRS, block_size
+from mess.layers import _conv_list, bank_vectors, plan_layers, put_vectors, reconstruct, target_vectors
+from mess.search import SearchResult, search
+from mess.settings import EPS, index_bits
 from utils import UserError
 
 
@@ -47,11 +50,11 @@ def _vectors(version: str, path: str, bank_w, tgt_w):
     if path == "kernel":
         bind = cfg.get("bind", 1)
         ref = kernel_bank(bank_w, bind, cfg.get("transforms", False)), kernel_targets(tgt_w, bind)
-        ours = (fsk.bank_vectors(bank_w, "kernel", bind, 8 if cfg.get("transforms") else 1),
-                fsk.target_vectors(tgt_w, "kernel", bind))
+        ours = (bank_vectors(bank_w, "kernel", bind, 8 if cfg.get("transforms") else 1),
+                target_vectors(tgt_w, "kernel", bind))
     else:
         ref = pointwise_bank(bank_w, 8), pointwise_targets(tgt_w, 8)
-        ours = fsk.bank_vectors(bank_w, "pointwise", 8), fsk.target_vectors(tgt_w, "pointwise", 8)
+        ours = bank_vectors(bank_w, "pointwise", 8), target_vectors(tgt_w, "pointwise", 8)
     return ref, ours
 
 
@@ -82,7 +85,7 @@ def test_search_matches_per_kernel_loop(version, path, data):
     cfg = VERSION_SEARCH[version]
     beta, eps_mode = cfg.get("beta", True), cfg.get("eps_mode")
     ref = loop_search(ref_bank, ref_tgt, beta=beta, eps_mode=eps_mode)
-    res = fsk.search(bank, tgt, beta=beta, eps_mode=eps_mode)
+    res = search(bank, tgt, beta=beta, eps_mode=eps_mode)
     assert res.k.dtype == torch.int64 and res.alpha.dtype == torch.float32
     assert (res.k >= 0).all() and (res.k < len(bank)).all()
     assert (res.beta is None) == (not beta)
@@ -92,17 +95,17 @@ def test_search_matches_per_kernel_loop(version, path, data):
 def test_many_small_blocks_give_the_same_answer():
     g = torch.Generator().manual_seed(1)
     bank, tgt = torch.randn(40, 9, generator=g), torch.randn(1000, 9, generator=g)
-    whole = fsk.search(bank, tgt)
-    tiny = fsk.search(bank, tgt, budget_bytes=16 * 40 * 7)  # 7 targets per block
-    assert fsk.block_size(40, torch.device("cpu"), 16 * 40 * 7) == 7
+    whole = search(bank, tgt)
+    tiny = search(bank, tgt, budget_bytes=16 * 40 * 7)  # 7 targets per block
+    assert block_size(40, torch.device("cpu"), 16 * 40 * 7) == 7
     assert torch.equal(whole.k, tiny.k) and torch.equal(whole.alpha, tiny.alpha)
 
 
 def test_block_size_bounds_memory():
     for n in (1, 192, 5000, 10**6, 10**8):
-        b = fsk.block_size(n, torch.device("cuda"))
-        assert b >= 1 and (b == 1 or b * n * 16 <= fsk.BUDGET_BYTES)
-        assert fsk.block_size(n, torch.device("cpu")) * n <= max(n, fsk.CPU_BLOCK_PAIRS)
+        b = block_size(n, torch.device("cuda"))
+        assert b >= 1 and (b == 1 or b * n * 16 <= BUDGET_BYTES)
+        assert block_size(n, torch.device("cpu")) * n <= max(n, CPU_BLOCK_PAIRS)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -115,10 +118,10 @@ def test_zero_variance_bank_never_gives_nan(version):
     tgt = torch.randn(50, 9)
     tgt[0] = 0.0
     tgt[1] = 2.0
-    res = fsk.search(bank, tgt, beta=cfg.get("beta", True), eps_mode=cfg.get("eps_mode"))
+    res = search(bank, tgt, beta=cfg.get("beta", True), eps_mode=cfg.get("eps_mode"))
     for t in (res.alpha, res.residual, res.beta if res.beta is not None else res.alpha):
         assert torch.isfinite(t).all()
-    rec = fsk.reconstruct(bank, res.k, res.alpha, res.beta)
+    rec = reconstruct(bank, res.k, res.alpha, res.beta)
     assert torch.isfinite(rec).all()
     if cfg.get("beta", True):  # a constant target is fitted exactly (offset only)
         assert torch.equal(rec[1], tgt[1])
@@ -132,42 +135,42 @@ def test_eps_variants_do_what_their_names_say():
     denom = (r * r).sum()
     for mode, expect_zero_row in (("add", 0.0), ("replace", 0.0), ("nan1", 1.0), (None, 0.0)):
         # alpha against both rows, read back by forcing each row to be the only bank entry
-        a0 = fsk.search(bank[:1], tgt, eps_mode=mode).alpha
-        a1 = fsk.search(bank[1:], tgt, eps_mode=mode).alpha
+        a0 = search(bank[:1], tgt, eps_mode=mode).alpha
+        a1 = search(bank[1:], tgt, eps_mode=mode).alpha
         assert torch.equal(a0, torch.full_like(a0, expect_zero_row))
-        want = (c @ r) / (denom + fsk.EPS if mode == "add" else denom)
+        want = (c @ r) / (denom + EPS if mode == "add" else denom)
         torch.testing.assert_close(a1, want, rtol=1e-6, atol=1e-7)
 
 
 def test_v3_bank_is_the_dihedral_group():
     k = torch.arange(9.0).reshape(1, 1, 3, 3)
-    v = fsk.bank_vectors(k, "kernel", transforms=8)
+    v = bank_vectors(k, "kernel", transforms=8)
     assert v.shape == (8, 9)
     assert len({tuple(x.tolist()) for x in v}) == 8  # all distinct for an asymmetric kernel
     assert torch.equal(v[0], k.reshape(9))
     assert torch.equal(v[2], k.reshape(3, 3).flip(0).flip(1).reshape(9))  # rot180
     assert torch.equal(v[4], k.reshape(3, 3).flip(1).reshape(9))  # left-right mirror
-    assert fsk.index_bits(8 * 16) == fsk.index_bits(16) + 3
+    assert index_bits(8 * 16) == index_bits(16) + 3
 
 
 def test_pointwise_vectors_round_trip():
     w = torch.randn(6, 20, 1, 1)
-    t = fsk.target_vectors(w, "pointwise", 8)
+    t = target_vectors(w, "pointwise", 8)
     assert t.shape == (12, 8)
-    back = fsk.put_vectors(w, t * 2, "pointwise", 8)
+    back = put_vectors(w, t * 2, "pointwise", 8)
     assert torch.equal(back.view(6, 20)[:, :16], w.view(6, 20)[:, :16] * 2)
     assert torch.equal(back.view(6, 20)[:, 16:], w.view(6, 20)[:, 16:])
-    assert fsk.bank_vectors(w, "pointwise", 8).shape == (6 * 13, 8)
+    assert bank_vectors(w, "pointwise", 8).shape == (6 * 13, 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(2)
     bank, tgt = torch.randn(192, 9, generator=g), torch.randn(20000, 9, generator=g)
-    cpu = fsk.search(bank, tgt)
-    gpu = fsk.search(bank, tgt, device=torch.device("cuda"))
+    cpu = search(bank, tgt)
+    gpu = search(bank, tgt, device=torch.device("cuda"))
     ref = loop_search(bank, tgt[:500])
-    assert_matches_loop(fsk.SearchResult(gpu.k[:500], gpu.alpha[:500], gpu.beta[:500], gpu.residual[:500]),
+    assert_matches_loop(SearchResult(gpu.k[:500], gpu.alpha[:500], gpu.beta[:500], gpu.residual[:500]),
                         ref, tgt[:500])
     assert (cpu.k == gpu.k).float().mean() > 0.99
 
@@ -184,9 +187,9 @@ def test_cuda_matches_cpu():
 ])
 def test_plan_layers(arch, dataset, layers, kernel_bank, pw_bank):
     model = models.build_model(arch, dataset, layers, width_mult=0.25 if arch != "resnet" else 0.5)
-    plans = fsk.plan_layers(model, arch, pw_bind=4)
+    plans = plan_layers(model, arch, pw_bind=4)
     assert plans["kernel"].bank == kernel_bank
-    convs = dict(fsk._conv_list(model))
+    convs = dict(_conv_list(model))
     order = list(convs)
     for t in plans["kernel"].targets:
         assert convs[t].kernel_size == (3, 3) and order.index(t) > order.index(kernel_bank)
@@ -198,13 +201,13 @@ def test_plan_layers(arch, dataset, layers, kernel_bank, pw_bank):
     else:
         assert plans["pointwise"].bank == pw_bank
         assert all(convs[t].kernel_size == (1, 1) for t in plans["pointwise"].targets)
-    assert fsk.plan_layers(model, arch, pointwise=False)["pointwise"] is None
+    assert plan_layers(model, arch, pointwise=False)["pointwise"] is None
 
 
 def test_bind_size_must_divide_channels():
     model = models.build_model("mobilenet", "cifar10", width_mult=0.25)  # channels 8, 16, 32, ...
-    assert fsk.plan_layers(model, "mobilenet", bind=4)["kernel"].bind == 4
+    assert plan_layers(model, "mobilenet", bind=4)["kernel"].bind == 4
     with pytest.raises(UserError, match="-d 3 does not divide"):
-        fsk.plan_layers(model, "mobilenet", bind=3)
+        plan_layers(model, "mobilenet", bind=3)
     with pytest.raises(UserError, match="-pwd 16 is wider"):
-        fsk.plan_layers(model, "mobilenet", pw_bind=16)
+        plan_layers(model, "mobilenet", pw_bind=16)

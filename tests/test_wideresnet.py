@@ -4,6 +4,7 @@ import torch
 import torchvision
 
 import models
+from mess.layers import plan_layers
 
 
 @pytest.mark.parametrize("depth,k,params", [
@@ -55,7 +56,6 @@ def test_blocks_are_pre_activation_with_a_1x1_shortcut_where_the_shape_changes()
 
 
 def test_mess_bank_is_the_stem():
-    import find_similar_kernel as fsk
-    plans = fsk.plan_layers(models.build_model("wideresnet", "cifar10", 10, 2), "wideresnet")
+    plans = plan_layers(models.build_model("wideresnet", "cifar10", 10, 2), "wideresnet")
     assert plans["kernel"].bank == "conv1"
     assert plans["pointwise"].bank == "layer1.0.shortcut"  # 16 -> 32: the first 1x1 conv
