@@ -4,7 +4,9 @@
     >>> model = build_model("resnet", "cifar10", layers=20)
 
 Each family registers a builder ``fn(family, layers, width_mult, bn, num_classes)``
-where ``family`` is ``"cifar"`` (32x32 inputs) or ``"imagenet"`` (224x224).
+where ``family`` is ``"cifar"`` (32x32 inputs) or ``"imagenet"`` (224x224). A family whose
+published weights expect inputs normalised otherwise than with the data set's own statistics
+declares them (``input_stats``); data.py reads them from here.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class _Entry:
     builder: Callable[..., nn.Module]
     depths: dict  # family -> tuple of supported depths, or () when depth is ignored
     uses_bn_flag: bool
+    input_stats: tuple | None  # ((mean,) * 3, (std,) * 3) every input is normalised with, or None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -37,12 +40,15 @@ DATASET_FAMILY = {
 }
 
 
-def register_model(name: str, depths: dict, uses_bn_flag: bool = False):
-    """Decorator registering a builder under ``name``; duplicates are refused."""
+def register_model(name: str, depths: dict, uses_bn_flag: bool = False, input_stats: tuple | None = None):
+    """Decorator registering a builder under ``name``; duplicates are refused.
+
+    ``input_stats``: the per-channel (mean, std) this architecture's inputs are always
+    normalised with, in place of the data set's own (None: the data set's)."""
     def deco(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
-        _REGISTRY[name] = _Entry(fn, depths, uses_bn_flag)
+        _REGISTRY[name] = _Entry(fn, depths, uses_bn_flag, input_stats)
         return fn
     return deco
 
@@ -53,6 +59,17 @@ def list_models() -> list[str]:
 
 def supported_depths(arch: str, dataset: str) -> tuple:
     return _REGISTRY[arch].depths.get(dataset_family(dataset), ())
+
+
+def has_variant(arch: str, dataset: str) -> bool:
+    """Whether ``arch`` builds for ``dataset``'s input family (resnet_a is CIFAR-only)."""
+    return dataset_family(dataset) in _REGISTRY[arch].depths
+
+
+def input_stats(arch: str | None) -> tuple | None:
+    """The (mean, std) ``arch`` declares for its inputs, or None where the data set's own apply."""
+    entry = _REGISTRY.get(arch) if arch else None
+    return entry.input_stats if entry else None
 
 
 def dataset_family(dataset: str) -> str:
