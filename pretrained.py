@@ -9,8 +9,9 @@ given file); neither CLI imports the other. It is not part of ``models/``: it do
 (download.py) and reads and writes checkpoints (utils.py), which the model package never does.
 
 ImageNet weights are torchvision's (IMAGENET1K_V1), CIFAR-10/100 weights the release files
-of chenyaofo/pytorch-cifar-models. Each file is checked against the SHA-256 prefix in its
-name (torch.hub's convention), renamed by the explicit table ``RENAMES``, checked key by key
+of chenyaofo/pytorch-cifar-models, and CIFAR-10 ``resnet_a`` weights akamaster/pytorch_resnet_cifar10's.
+Each file is checked against its full SHA-256 where this table pins it, else against the
+prefix in its name (torch.hub's convention), renamed by the explicit table ``RENAMES``, checked key by key
 and shape by shape, and saved as a DESIGN.md section 4 checkpoint (``model``, ``arch``,
 ``epoch``, ``best_acc1``, ``args``, ``source``). A file is only ever read with
 ``torch.load(weights_only=True)``.
@@ -31,6 +32,7 @@ from utils import UserError, ckpt_dir_of, load_checkpoint, load_state_dict_check
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 CHENYAOFO_URL = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/"
+AKAMASTER_URL = "https://raw.githubusercontent.com/akamaster/pytorch_resnet_cifar10/master/pretrained_models/"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Source:
     url: str
     acc1: float  # published top-1 accuracy, %
     layout: str  # key layout of the file: a key of RENAMES
+    pinned_sha256: str = ""  # the file's full SHA-256 where known, checked in place of the name's prefix
 
     @property
     def name(self) -> str:
@@ -53,9 +56,15 @@ class Source:
         return self.url.rsplit("/", 1)[1]
 
     @property
-    def sha256(self) -> str:
+    def name_sha256(self) -> str:
         """The hex digits after the last '-' of the file name: a prefix of its SHA-256."""
         return re.search(r"-([0-9a-f]{8,})\.[^.]+$", self.file).group(1)
+
+    @property
+    def sha256(self) -> str:
+        """What the file is checked against: its full SHA-256 where pinned, else the name's prefix
+        (8 hex digits are 32 bits, which a made-up file can be ground to match; 256 cannot)."""
+        return self.pinned_sha256 or self.name_sha256
 
 
 # torchvision's IMAGENET1K_V1 weights and their published ImageNet top-1 (torchvision.models docs).
@@ -97,6 +106,20 @@ _CHENYAOFO = [
     ("mobilenetv2", 16, 1.4, False, "mobilenetv2_x1_4", "3bbbd6e2", 94.22, "8a269f5e", 75.98),
 ]
 
+# akamaster/pytorch_resnet_cifar10's pretrained_models/ (its README's table, branch master):
+# CIFAR-10, option-A shortcuts (-a resnet_a), trained on inputs normalised with ImageNet's statistics.
+# top-1 is 100 - the README's test error (8.27, 7.37, 6.90, 6.61, 6.32, 6.18 %). The full SHA-256
+# is that of the published files as measured (../shared/data/README.md); 110 and 1202: name prefix only.
+# layers, file, top-1, full SHA-256 or ""
+_AKAMASTER = [
+    (20, "resnet20-12fca82f.th", 91.73, "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+    (32, "resnet32-d509ac18.th", 92.63, "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+    (44, "resnet44-014dd654.th", 93.10, "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+    (56, "resnet56-4bfd9763.th", 93.39, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+    (110, "resnet110-1d1ed7c2.th", 93.68, ""),
+    (1202, "resnet1202-f3b1deed.th", 93.82, ""),
+]
+
 
 def _sources() -> dict[tuple[str, str], Source]:
     table = {}
@@ -109,6 +132,9 @@ def _sources() -> dict[tuple[str, str], Source]:
             url = f"{CHENYAOFO_URL}{arch}/{dataset}_{stem}-{digest}.pt"
             s = Source(dataset, arch, layers, wm, bn, url, acc, "chenyaofo")
             table[s.dataset, s.name] = s
+    for layers, file, acc, full in _AKAMASTER:
+        s = Source("cifar10", "resnet_a", layers, 1.0, False, AKAMASTER_URL + file, acc, "akamaster", full)
+        table[s.dataset, s.name] = s
     return table
 
 
@@ -127,7 +153,11 @@ def find_source(dataset: str, arch: str, layers: int, width_mult: float, bn: boo
     if (dataset, name) in SOURCES:
         return SOURCES[dataset, name]
     available = [n for d, n in SOURCES if d == dataset]
-    hint = " (add --bn)" if f"{name}_bn" in available else ""
+    elsewhere = [d for d, n in SOURCES if n == name]
+    if f"{name}_bn" in available:
+        hint = " (add --bn)"
+    else:
+        hint = f" (there are {', '.join(elsewhere)} weights for it)" if elsewhere else ""
     raise UserError(f"no published {dataset} weights for {name}{hint}; available: {', '.join(available)}")
 
 
@@ -151,17 +181,25 @@ def fetch(src: Source, cache: str | None, mirror: str | None) -> tuple[Path, str
 # ---------------------------------------------------------------- conversion
 
 # Key renames, source layout -> ((regex, replacement), ...), applied in order to every key.
-# Both tables are empty on purpose: models/ keeps torchvision's layer names for resnet, vgg,
+# The first two are empty on purpose: models/ keeps torchvision's layer names for resnet, vgg,
 # mobilenetv2 and wideresnet (ImageNet) and chenyaofo/pytorch-cifar-models' names for the CIFAR
 # resnet, vgg*_bn and mobilenetv2, so that released weights load by key. tests/test_convert.py
 # checks that claim for every published architecture; a model that renames a layer adds its row here.
+# Every layout: the ``module.`` prefix of a DataParallel save is stripped by utils.load_checkpoint.
 RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "torchvision": (),
     "chenyaofo": (),
+    # akamaster's resnet.py -> resnet_a. conv1, bn1 and layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2} are
+    # our names already; their shortcut (a LambdaLayer, or an empty nn.Sequential) and our
+    # downsample (PadShortcut) hold no tensors, so there is no shortcut key to rename.
+    "akamaster": (
+        (r"^linear\.", "fc."),  # the classifier: their `linear`, torchvision's `fc`
+    ),
 }
 
-# Files saved before PyTorch 0.4.1 (torchvision's vgg*_bn among them) have no BatchNorm
-# ``num_batches_tracked``; PyTorch itself fills it with 0 when loading them, and so do we.
+# Files saved before PyTorch 0.4.1 (torchvision's vgg*_bn and akamaster's .th files among them)
+# have no BatchNorm ``num_batches_tracked``; PyTorch itself fills it with 0 when loading them,
+# and so do we.
 FILL_MISSING = ("num_batches_tracked",)
 
 

@@ -290,8 +290,8 @@ def test_down_ckpt_imagenet_resnet18(server, in_tmp, monkeypatch, capsys, resnet
                             "dataset": "imagenet", "num_classes": 1000}
     assert ckpt["epoch"] == 0 and ckpt["best_acc1"] == pytest.approx(69.758)
     assert ckpt["source"] == {"url": src.url, "sha256": sha(data)}
-    ours = pretrained.build(torchvision_to_ours.get_args_parser().parse_args(
-        ["-a", "resnet", "--layers", "18"]))
+    ours = pretrained.build(down_ckpt.get_args_parser().parse_args(
+        ["imagenet", "-a", "resnet", "--layers", "18"]))
     utils.load_state_dict_checked(ours, ckpt["model"], path)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
