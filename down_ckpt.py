@@ -2,11 +2,13 @@
 
     python down_ckpt.py imagenet -a resnet --layers 50 -o pretrained_model.pth
     python down_ckpt.py cifar10 -a resnet --layers 56
+    python down_ckpt.py cifar10 -a resnet_a --layers 20      # akamaster's option-A ResNet-20
     python down_ckpt.py cifar100 -a mobilenetv2 --width-mult 0.5 --mirror http://lab-server/weights/
     python down_ckpt.py --list
 
 ImageNet weights are torchvision's (IMAGENET1K_V1), CIFAR-10/100 weights the release files
-of chenyaofo/pytorch-cifar-models. Each file is checked against the SHA-256 prefix in its
+of chenyaofo/pytorch-cifar-models, CIFAR-10 resnet_a weights akamaster/pytorch_resnet_cifar10's.
+Each file is checked against its full SHA-256 where known, else against the prefix in its
 name (torch.hub's convention), converted key by key and saved where
 ``main.py DATA -a ARCH ... --ckpt ckpt_best.pth`` finds it. The table of files, the checks and
 the conversion are pretrained.py's, shared with torchvision_to_ours.py.
