@@ -1,7 +1,10 @@
 """Data loading: CIFAR-10/100, ImageNet, TinyImageNet-200, and scikit-learn's digits for offline runs.
 
     from data import get_loaders
-    train_loader, val_loader = get_loaders("digits", "../data", batch_size=128, workers=0)
+    train_loader, val_loader, _ = get_loaders("digits", "../data", batch_size=128, workers=0)
+
+Images are normalised with their data set's statistics, or with those the architecture
+declares (``models.input_stats``: resnet_a's published weights expect ImageNet's).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import models
 from utils import UserError
 
 # per-channel mean / std of the training sets
@@ -19,6 +23,8 @@ CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TINYIMAGENET_STATS = ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
+DATASET_STATS = {"cifar10": CIFAR10_STATS, "cifar100": CIFAR100_STATS, "imagenet": IMAGENET_STATS,
+                 "tinyimagenet": TINYIMAGENET_STATS}
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # the split never changes, so every run and checkpoint sees the same test set
@@ -42,6 +48,13 @@ class TensorImages(Dataset):
         return x, self.labels[i]
 
 
+def input_stats(dataset: str, arch: str | None = None) -> tuple:
+    """(mean, std) the images of ``dataset`` are normalised with for ``arch``: what the
+    architecture declares (models.input_stats), else the data set's own statistics. digits
+    has none here: its grey pixels are standardised by their own train-split mean and std."""
+    return models.input_stats(arch) or DATASET_STATS[dataset]
+
+
 def digits_datasets(size: int = 32):
     """scikit-learn's 8x8 handwritten digits (1797 real images), upsampled to 3x32x32."""
     from sklearn.datasets import load_digits
@@ -58,15 +71,14 @@ def digits_datasets(size: int = 32):
             TensorImages(x[test_idx], y[test_idx]))
 
 
-def cifar_datasets(name: str, root: Path):
+def cifar_datasets(name: str, root: Path, stats: tuple | None = None):
     import torchvision
     import torchvision.transforms as T
-    cls, stats, folder, archive = {
-        "cifar10": (torchvision.datasets.CIFAR10, CIFAR10_STATS, "cifar-10-batches-py",
-                    "cifar-10-python.tar.gz"),
-        "cifar100": (torchvision.datasets.CIFAR100, CIFAR100_STATS, "cifar-100-python",
-                     "cifar-100-python.tar.gz"),
+    cls, folder, archive = {
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", "cifar-100-python.tar.gz"),
     }[name]
+    stats = stats or DATASET_STATS[name]
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                           T.Normalize(*stats)])
     val_tf = T.Compose([T.ToTensor(), T.Normalize(*stats)])
@@ -80,7 +92,7 @@ def cifar_datasets(name: str, root: Path):
     return train, val
 
 
-def imagenet_datasets(root: Path):
+def imagenet_datasets(root: Path, stats: tuple = IMAGENET_STATS):
     import torchvision
     import torchvision.transforms as T
     base = root / "imagenet"
@@ -88,7 +100,7 @@ def imagenet_datasets(root: Path):
         if not (base / split).is_dir():
             raise UserError(f"ImageNet data directory not found: {base / split} "
                             f"(run `python down_imagenet.py --datapath {root}`)")
-    norm = T.Normalize(*IMAGENET_STATS)
+    norm = T.Normalize(*stats)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     return (torchvision.datasets.ImageFolder(str(base / "train"), train_tf),
@@ -118,7 +130,7 @@ class TinyImageNetVal(Dataset):
         return self.transform(self.loader(path)), label
 
 
-def tinyimagenet_datasets(root: Path):
+def tinyimagenet_datasets(root: Path, stats: tuple = TINYIMAGENET_STATS):
     """TinyImageNet-200 as released: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
     import torchvision
     import torchvision.transforms as T
@@ -126,7 +138,7 @@ def tinyimagenet_datasets(root: Path):
     if not (base / "train").is_dir() or not (base / "val" / "val_annotations.txt").is_file():
         raise UserError(f"TinyImageNet not found in {base}; unzip tiny-imagenet-200.zip "
                         f"(http://cs231n.stanford.edu/tiny-imagenet-200.zip) in {root}")
-    norm = T.Normalize(*TINYIMAGENET_STATS)
+    norm = T.Normalize(*stats)
     train_tf = T.Compose([T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val_tf = T.Compose([T.ToTensor(), norm])
     # ImageFolder finds train/<wnid>/images/*.JPEG (it walks each class folder) and loads
@@ -135,29 +147,34 @@ def tinyimagenet_datasets(root: Path):
     return train, TinyImageNetVal(base / "val", train.class_to_idx, val_tf)
 
 
-def get_datasets(dataset: str, datapath) -> tuple[Dataset, Dataset]:
+def get_datasets(dataset: str, datapath, arch: str | None = None) -> tuple[Dataset, Dataset]:
+    """Train and validation sets of ``dataset``, normalised as ``arch`` expects (``input_stats``)."""
     root = Path(datapath)
     if dataset == "digits":
         return digits_datasets()
+    if dataset not in DATASET_STATS:
+        raise UserError(f"unknown dataset {dataset!r}")
+    stats = input_stats(dataset, arch)
     if dataset in ("cifar10", "cifar100"):
-        return cifar_datasets(dataset, root)
+        return cifar_datasets(dataset, root, stats)
     if dataset == "imagenet":
-        return imagenet_datasets(root)
-    if dataset == "tinyimagenet":
-        return tinyimagenet_datasets(root)
-    raise UserError(f"unknown dataset {dataset!r}")
+        return imagenet_datasets(root, stats)
+    return tinyimagenet_datasets(root, stats)
 
 
 def get_loaders(dataset: str, datapath, batch_size: int, workers: int, pin_memory: bool = False,
-                persistent_workers: bool = False, rank: int = 0, world_size: int = 1):
+                persistent_workers: bool = False, rank: int = 0, world_size: int = 1,
+                arch: str | None = None):
     """Train and validation loaders, plus the object that fixes each epoch's shuffling.
+
+    ``arch`` (``-a``) picks the input normalisation where the architecture declares one.
 
     One process: the train loader shuffles with the returned ``torch.Generator``, which the
     caller re-seeds each epoch, so a resumed run sees the same order. Several processes
     (DDP): a ``DistributedSampler`` (call ``set_epoch``) and a validation shard per rank,
     with ``batch_size`` per process.
     """
-    train_set, val_set = get_datasets(dataset, datapath)
+    train_set, val_set = get_datasets(dataset, datapath, arch)
     if dataset == "digits":
         workers = 0  # in-memory tensors: worker processes cost more than they save
     common = dict(num_workers=workers, pin_memory=pin_memory,

@@ -241,7 +241,8 @@ def _run(args, tracker, d: Dist):
     train_loader, val_loader, shuffler = get_loaders(
         args.dataset, args.datapath, args.batch_size // d.world_size, args.workers,
         pin_memory=args.pin_memory and device.type == "cuda",
-        persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size)
+        persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size,
+        arch=args.arch)  # the normalisation the architecture's weights expect (models.input_stats)
     net = wrap_model(model, device, args.gpuids, d)
 
     if args.evaluate:

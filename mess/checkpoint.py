@@ -73,6 +73,8 @@ def load_checkpoint(path) -> dict:
     if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state_dict
+    if isinstance(ckpt, dict) and "model" not in ckpt and isinstance(ckpt.get("state_dict"), dict):
+        ckpt["model"] = ckpt.pop("state_dict")  # {"state_dict", "best_prec1"}: akamaster's .th files
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a model checkpoint (no 'model' state_dict)")
     ckpt["model"] = clean_state_dict(ckpt["model"])

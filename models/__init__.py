@@ -4,103 +4,24 @@
     >>> model = build_model("resnet", "cifar10", layers=20)
 
 Each family registers a builder ``fn(family, layers, width_mult, bn, num_classes)``
-where ``family`` is ``"cifar"`` (32x32 inputs) or ``"imagenet"`` (224x224).
+where ``family`` is ``"cifar"`` (32x32 inputs) or ``"imagenet"`` (224x224). A family whose
+published weights expect inputs normalised otherwise than with the data set's own statistics
+declares them (``input_stats``); data.py reads them from here.
 """
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch.nn as nn
-
-
-class ModelError(ValueError):
-    """A model that cannot be built from the given spec (user error)."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    builder: Callable[..., nn.Module]
-    depths: dict  # family -> tuple of supported depths, or () when depth is ignored
-    uses_bn_flag: bool
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-# dataset -> (input family, number of classes). digits and tinyimagenet use CIFAR-style nets.
-DATASET_FAMILY = {
-    "cifar10": ("cifar", 10),
-    "cifar100": ("cifar", 100),
-    "digits": ("cifar", 10),
-    "imagenet": ("imagenet", 1000),
-    "tinyimagenet": ("cifar", 200),  # TinyImageNet-200: 64x64 inputs, CIFAR-style stems
-}
-
-
-def register_model(name: str, depths: dict, uses_bn_flag: bool = False):
-    """Decorator registering a builder under ``name``; duplicates are refused."""
-    def deco(fn):
-        if name in _REGISTRY:
-            raise RuntimeError(f"model {name!r} registered twice")
-        _REGISTRY[name] = _Entry(fn, depths, uses_bn_flag)
-        return fn
-    return deco
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def supported_depths(arch: str, dataset: str) -> tuple:
-    return _REGISTRY[arch].depths.get(dataset_family(dataset), ())
-
-
-def dataset_family(dataset: str) -> str:
-    if dataset not in DATASET_FAMILY:
-        raise ModelError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASET_FAMILY)}")
-    return DATASET_FAMILY[dataset][0]
-
-
-def uses_depth(arch: str) -> bool:
-    return any(_REGISTRY[arch].depths.values())
-
-
-def model_name(arch: str, layers: int, width_mult: float = 1.0, bn: bool = False) -> str:
-    """Canonical short name used for checkpoint folders: resnet56, vgg16_bn, mobilenet."""
-    name = f"{arch}{layers}" if uses_depth(arch) else arch
-    if bn and _REGISTRY[arch].uses_bn_flag:
-        name += "_bn"
-    if width_mult != 1.0:
-        name += f"_w{width_mult:g}"
-    return name
-
-
-def build_model(arch: str, dataset: str, layers: int = 16, width_mult: float = 1.0,
-                bn: bool = False, num_classes: int | None = None) -> nn.Module:
-    if arch not in _REGISTRY:
-        raise ModelError(f"unknown architecture {arch!r}; choose from {', '.join(list_models())}")
-    family = dataset_family(dataset)
-    if num_classes is None:
-        num_classes = DATASET_FAMILY[dataset][1]
-    entry = _REGISTRY[arch]
-    if family not in entry.depths:
-        raise ModelError(f"{arch} has no {family} variant")
-    depths = entry.depths[family]
-    if depths and layers not in depths:
-        raise ModelError(f"{arch} has no depth {layers} for {dataset}; supported: "
-                         f"{', '.join(map(str, depths))}")
-    if not width_mult > 0:
-        raise ModelError(f"--width-mult must be positive, got {width_mult}")
-    return entry.builder(family=family, layers=layers, width_mult=width_mult, bn=bn,
-                         num_classes=num_classes)
-
-
-def scaled(channels: int, width_mult: float, divisor: int = 1) -> int:
-    """Channels thinned by ``width_mult``; identity at 1.0 so published shapes hold."""
-    if width_mult == 1.0:
-        return channels
-    return max(divisor, int(round(channels * width_mult / divisor)) * divisor)
-
+from .registry import (  # noqa: F401  (the package's public names)
+    DATASET_FAMILY,
+    ModelError,
+    build_model,
+    dataset_family,
+    has_variant,
+    input_stats,
+    list_models,
+    model_name,
+    register_model,
+    scaled,
+    supported_depths,
+    uses_depth,
+)
 
 # Import the families so that they register themselves.
-from . import mobilenet, mobilenetv2, resnet, vgg, wideresnet  # noqa: E402,F401
+from . import mobilenet, mobilenetv2, resnet, vgg, wideresnet  # noqa: E402,F401  isort: skip

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from . import register_model, scaled
+from .registry import register_model, scaled
 
 # out_channels, stride of the depthwise conv; the 3x3 stem has 32 channels.
 CFG = [

@@ -6,7 +6,7 @@ stride 1), so its released weights load by key without renames.
 import torch
 import torch.nn as nn
 
-from . import register_model
+from .registry import register_model
 
 # t (expansion), c (output channels), n (repeats), s (stride of the first repeat)
 CFG_IMAGENET = [

@@ -6,7 +6,7 @@ vgg*_bn; the ImageNet variant matches torchvision.models.vgg*.
 import torch
 import torch.nn as nn
 
-from . import register_model, scaled
+from .registry import register_model, scaled
 
 # conv output channels; "M" is a 2x2 max-pool
 CFGS = {

@@ -15,7 +15,7 @@
 import torch
 import torch.nn as nn
 
-from . import register_model, scaled
+from .registry import register_model, scaled
 from .resnet import IMAGENET_DEPTHS, Bottleneck, ResNet
 
 CIFAR_DEPTHS = (10, 16, 22, 28, 34, 40)  # 6n + 4, n = 1..6 blocks per stage

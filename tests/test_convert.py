@@ -1,4 +1,5 @@
-"""torchvision_to_ours.py: every published layout converts into a model with identical logits.
+"""pretrained.py's conversion (behind torchvision_to_ours.py and down_ckpt.py): every published
+layout converts into a model with identical logits.
 
 Random weights are enough: a wrong rename, a transposed tensor or a missing BN statistic
 changes the logits. BN running statistics are randomized too, so that they count.
@@ -9,8 +10,8 @@ import torch.nn as nn
 import torchvision
 from conftest import assert_user_error
 
-import down_ckpt
 import models
+import pretrained
 import torchvision_to_ours as t2o
 import utils
 
@@ -48,9 +49,9 @@ def random_weights(model: nn.Module, seed=0) -> nn.Module:
     return randomize(model, seed)
 
 
-def converted(theirs: nn.Module, src: down_ckpt.Source) -> nn.Module:
+def converted(theirs: nn.Module, src: pretrained.Source) -> nn.Module:
     ours = uninitialized(models.build_model, src.arch, src.dataset, src.layers, src.width_mult, src.bn)
-    t2o.convert_state_dict(theirs.state_dict(), ours, src.layout, src.file)
+    pretrained.convert_state_dict(theirs.state_dict(), ours, src.layout, src.file)
     return ours.eval()
 
 
@@ -71,7 +72,7 @@ TORCHVISION_BUILDERS = {  # model name in our table -> torchvision builder
     "vgg19_bn": "vgg19_bn", "mobilenetv2": "mobilenet_v2", "wideresnet50_w2": "wide_resnet50_2",
     "wideresnet101_w2": "wide_resnet101_2",
 }
-TV_SOURCES = [s for s in down_ckpt.SOURCES.values() if s.layout == "torchvision"]
+TV_SOURCES = [s for s in pretrained.SOURCES.values() if s.layout == "torchvision"]
 
 
 def test_every_torchvision_file_has_a_builder_here():
@@ -174,7 +175,7 @@ def chenyaofo_model(src):
     return cifar_mobilenetv2(src.width_mult, n)
 
 
-CY_SOURCES = [s for s in down_ckpt.SOURCES.values() if s.layout == "chenyaofo"]
+CY_SOURCES = [s for s in pretrained.SOURCES.values() if s.layout == "chenyaofo"]
 
 
 @pytest.mark.parametrize("src", CY_SOURCES, ids=lambda s: f"{s.dataset}-{s.name}")
@@ -202,7 +203,7 @@ def test_old_files_without_num_batches_tracked_convert():
     theirs = randomize(CifarVGG(torchvision.models.vgg.cfgs["A"], 10))
     sd = {k: v for k, v in theirs.state_dict().items() if not k.endswith("num_batches_tracked")}
     ours = models.build_model("vgg", "cifar10", 11, bn=True)
-    out = t2o.convert_state_dict(sd, ours, "chenyaofo", "old.pth")
+    out = pretrained.convert_state_dict(sd, ours, "chenyaofo", "old.pth")
     assert int(out["features.1.num_batches_tracked"]) == 0
     same_logits(theirs, ours.eval(), 32)
 
@@ -211,11 +212,11 @@ def test_a_file_of_another_architecture_is_refused_with_one_line():
     theirs = CifarResNet([3, 3, 3], 10)
     ours = models.build_model("resnet", "cifar10", 32)
     with pytest.raises(utils.UserError, match=r"does not fit this model: .*missing keys"):
-        t2o.convert_state_dict(theirs.state_dict(), ours, "chenyaofo", "r20.pt")
+        pretrained.convert_state_dict(theirs.state_dict(), ours, "chenyaofo", "r20.pt")
     sd = theirs.state_dict()
     sd["fc.weight"] = torch.zeros(100, 64)
     with pytest.raises(utils.UserError, match=r"shape mismatches \(e.g. fc.weight"):
-        t2o.convert_state_dict(sd, models.build_model("resnet", "cifar10", 20), "chenyaofo", "r20.pt")
+        pretrained.convert_state_dict(sd, models.build_model("resnet", "cifar10", 20), "chenyaofo", "r20.pt")
 
 
 def test_torchvision_to_ours_cli_converts_a_given_file(in_tmp, capsys):

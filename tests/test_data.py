@@ -47,6 +47,31 @@ def test_cifar10_loads_from_its_on_disk_format(tmp_path, monkeypatch):
     assert len(train_loader.dataset) == 100 and len(val_loader.dataset) == 20
 
 
+def test_normalisation_is_the_datasets_unless_the_architecture_declares_one(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+    def val_batch(arch):
+        _, val, _ = data.get_loaders("cifar10", tmp_path, batch_size=20, workers=0, arch=arch)
+        return next(iter(val))[0]
+
+    raw = torch.from_numpy(torchvision.datasets.CIFAR10(str(tmp_path), train=False).data)
+    x = raw.permute(0, 3, 1, 2).float() / 255
+
+    def normalised(stats):
+        mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in stats)
+        return (x - mean) / std
+
+    # resnet_a: the ImageNet statistics akamaster's weights were trained with
+    assert data.input_stats("cifar10", "resnet_a") == data.IMAGENET_STATS
+    assert torch.allclose(val_batch("resnet_a"), normalised(data.IMAGENET_STATS), atol=1e-6)
+    # every other architecture, and no architecture at all: CIFAR-10's own, as before
+    plain = val_batch(None)
+    assert torch.allclose(plain, normalised(data.CIFAR10_STATS), atol=1e-6)
+    assert torch.equal(val_batch("resnet"), plain)
+    assert not torch.allclose(val_batch("resnet_a"), plain, atol=1e-2)
+
+
 def test_cifar_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise urllib.error.URLError("network is unreachable")

@@ -25,6 +25,7 @@ from conftest import ROOT, assert_user_error
 import down_ckpt
 import down_imagenet
 import download as dl
+import pretrained
 import torchvision_to_ours
 import utils
 from download import download
@@ -269,10 +270,10 @@ def resnet18_file(tmp_path_factory):
 
 def serve_as(server, monkeypatch, key, data: bytes):
     """Serve ``data`` under the published file name of SOURCES[key], with the digest in its name."""
-    src = down_ckpt.SOURCES[key]
+    src = pretrained.SOURCES[key]
     stem, ext = src.file.rsplit("-", 1)[0], src.file.rsplit(".", 1)[1]
     fake = replace(src, url=src.url.rsplit("/", 1)[0] + f"/{stem}-{sha(data)[:8]}.{ext}")
-    monkeypatch.setitem(down_ckpt.SOURCES, key, fake)
+    monkeypatch.setitem(pretrained.SOURCES, key, fake)
     server.files[fake.file] = data
     return fake
 
@@ -289,8 +290,8 @@ def test_down_ckpt_imagenet_resnet18(server, in_tmp, monkeypatch, capsys, resnet
                             "dataset": "imagenet", "num_classes": 1000}
     assert ckpt["epoch"] == 0 and ckpt["best_acc1"] == pytest.approx(69.758)
     assert ckpt["source"] == {"url": src.url, "sha256": sha(data)}
-    ours = torchvision_to_ours.build(torchvision_to_ours.get_args_parser().parse_args(
-        ["-a", "resnet", "--layers", "18"]))
+    ours = pretrained.build(down_ckpt.get_args_parser().parse_args(
+        ["imagenet", "-a", "resnet", "--layers", "18"]))
     utils.load_state_dict_checked(ours, ckpt["model"], path)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -320,7 +321,7 @@ def test_down_ckpt_cifar10_chenyaofo_resnet20(server, in_tmp, monkeypatch, capsy
     assert rc == 0, err
     ckpt = utils.load_checkpoint(in_tmp / "checkpoint/resnet20/cifar10/ckpt_best.pth")
     assert ckpt["best_acc1"] == pytest.approx(92.60)
-    ours = torchvision_to_ours.build(down_ckpt.get_args_parser().parse_args(
+    ours = pretrained.build(down_ckpt.get_args_parser().parse_args(
         ["cifar10", "-a", "resnet", "--layers", "20"]))
     ours.load_state_dict(ckpt["model"])
     x = torch.randn(2, 3, 32, 32)
@@ -378,7 +379,7 @@ def test_down_ckpt_all_runs_every_listed_download(tmp_path):
                        env=dict(os.environ, PYTHON=str(fake), PYTHONPATH=str(ROOT)), capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == len(down_ckpt.SOURCES)
+    assert len(calls) == len(pretrained.SOURCES)
     assert all(c.endswith("--mirror http://127.0.0.1:9/") for c in calls)
     assert any("imagenet -a wideresnet --layers 50 --width-mult 2" in c for c in calls)
     assert p.returncode == 2 and "12 download(s) failed" in p.stderr  # the 12 cifar100 calls "failed"
