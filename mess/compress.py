@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ class Compressed:
 def as_settings(settings: Settings | str, **kw) -> Settings:
     """``Settings`` from a version name and keyword settings, or the given ones (``kw`` overriding)."""
     if isinstance(settings, Settings):
-        return Settings(**{**settings.__dict__, **kw}) if kw else settings
+        return replace(settings, **kw)  # validated again, as any new Settings
     return Settings(settings, **kw)
 
 
