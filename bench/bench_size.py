@@ -21,15 +21,12 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import find_similar_kernel as fsk  # noqa: E402
-import models  # noqa: E402
-import packed  # noqa: E402
-from utils import select_device  # noqa: E402
+import find_similar_kernel as fsk
+import models
+import packed
+from utils import select_device
 
 # name: (arch, layers, bn, dataset)
 MODELS = {

@@ -1,12 +1,11 @@
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+# the repository; its modules import as installed by `pip install -e .`
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture
@@ -35,9 +34,8 @@ def run_main(argv, tracker=None):
 
 def run_cli(script, *argv, cwd=None, timeout=300):
     """A CLI in a subprocess: (exit code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout, env=env)
+                       capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 
