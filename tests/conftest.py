@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,11 @@ def run_main(argv, tracker=None):
 
 def run_cli(script, *argv, cwd=None, timeout=300):
     """A CLI in a subprocess: (exit code, stdout, stderr)."""
+    # rich fits its tables to COLUMNS, or to 80 columns in a pipe, where it cuts layer names short:
+    # one fixed width, whatever the terminal pytest was started from
+    env = dict(os.environ, COLUMNS="200")
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
