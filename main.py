@@ -225,13 +225,8 @@ def _run(args, tracker, d: Dist):
     set_seed(args.seed)  # before the model is built: its initial weights come from this seed
     model, spec, ckpt_dir = build_model_from_args(args)
     criterion = nn.CrossEntropyLoss()
-
-    ckpt = path = run = None
-    if args.ckpt and (args.resume or args.evaluate or args.retrain):
-        path = resolve_ckpt(args.ckpt, ckpt_dir)
-        ckpt = load_any_checkpoint(path)  # a .mess file too
-        check_arch(ckpt, spec, path)
-        load_state_dict_checked(model, ckpt["model"], path)
+    ckpt, path = load_input_checkpoint(args, model, spec, ckpt_dir)
+    run = None
     if not args.evaluate:
         # mode, names and parametrizations (retrain.py), with every flag error before data is read
         run = retrain.Retrainer.create(args, model, retrain.decide(args, ckpt, path), ckpt, device, d)
@@ -244,57 +239,93 @@ def _run(args, tracker, d: Dist):
         persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size,
         arch=args.arch)  # the normalisation the architecture's weights expect (models.input_stats)
     net = wrap_model(model, device, args.gpuids, d)
-
     if args.evaluate:
-        t0 = time.time()
-        metrics = evaluate(net, val_loader, criterion, rt)
-        line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
-                f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
-        if "mess" in ckpt or "quant" in ckpt:
-            line += "\n" + summarize(ckpt)
-        console.print(line)
-        if d.is_main:
-            append_csv(ckpt_dir / "eval.csv", [{"ckpt": str(args.ckpt), **metrics,
-                                                "seconds": round(time.time() - t0, 2)}])
-        return {"metrics": metrics, "ckpt_dir": ckpt_dir}
+        return evaluate_checkpoint(args, net, val_loader, criterion, rt, ckpt, ckpt_dir)
 
     optimizer = torch.optim.SGD(run.param_groups(args.weight_decay), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
     run.attach(optimizer)
     start_epoch, best_acc1 = 1, -1.0  # below any accuracy: the first epoch always writes ckpt_best.pth
     if args.resume:
-        if "optimizer" not in ckpt or "epoch" not in ckpt:
-            raise UserError(f"{args.ckpt} has no optimizer state or epoch; it can be evaluated "
-                            f"(-E) or retrained, not resumed")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best_acc1 = int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc1", 0.0))
-        if start_epoch > args.epochs:
-            raise UserError(f"{args.ckpt} already holds epoch {start_epoch - 1} of --epochs "
-                            f"{args.epochs}; give a larger --epochs to train on")
-        if rt.scaler is not None and "scaler" in ckpt:
-            rt.scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
-
+        start_epoch, best_acc1 = resume_training_state(args, ckpt, optimizer, rt)
     run_header(args, model, device, ckpt_dir, d)
     if run.mode != "train":
         console.print(describe_run(run, path))
+    loop = Loop(args, rt, run, net, criterion, optimizer, train_loader, val_loader, shuffler, ckpt_dir, spec,
+                tracker)
+    return train(loop, start_epoch, best_acc1)
+
+
+def load_input_checkpoint(args, model, spec, ckpt_dir):
+    """(checkpoint, path) that -R, -E or -T start from, its weights loaded into ``model``; (None, None)
+    when the run starts from the seed."""
+    if not (args.ckpt and (args.resume or args.evaluate or args.retrain)):
+        return None, None
+    path = resolve_ckpt(args.ckpt, ckpt_dir)
+    ckpt = load_any_checkpoint(path)  # a .mess file too
+    check_arch(ckpt, spec, path)
+    load_state_dict_checked(model, ckpt["model"], path)
+    return ckpt, path
+
+
+def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckpt_dir) -> dict:
+    """-E: one pass over the validation set, printed and appended to eval.csv."""
+    t0 = time.time()
+    metrics = evaluate(net, val_loader, criterion, rt)
+    line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
+            f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
+    if "mess" in ckpt or "quant" in ckpt:
+        line += "\n" + summarize(ckpt)
+    console.print(line)
+    if rt.dist.is_main:
+        append_csv(ckpt_dir / "eval.csv", [{"ckpt": str(args.ckpt), **metrics,
+                                            "seconds": round(time.time() - t0, 2)}])
+    return {"metrics": metrics, "ckpt_dir": ckpt_dir}
+
+
+def resume_training_state(args, ckpt, optimizer, rt: Runtime) -> tuple[int, float]:
+    """-R: optimizer, loss scale and RNG back from the checkpoint; (first epoch to run, best top-1)."""
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        raise UserError(f"{args.ckpt} has no optimizer state or epoch; it can be evaluated "
+                        f"(-E) or retrained, not resumed")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_epoch, best_acc1 = int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc1", 0.0))
+    if start_epoch > args.epochs:
+        raise UserError(f"{args.ckpt} already holds epoch {start_epoch - 1} of --epochs "
+                        f"{args.epochs}; give a larger --epochs to train on")
+    if rt.scaler is not None and "scaler" in ckpt:
+        rt.scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    console.print(f"resumed from {args.ckpt} at epoch {start_epoch}")
+    return start_epoch, best_acc1
+
+
+@dataclass
+class Loop:
+    """What the epoch loop works with; built once by _run."""
+    args: object
+    rt: Runtime
+    run: retrain.Retrainer
+    net: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    val_loader: object
+    shuffler: object
+    ckpt_dir: Path
+    spec: dict
+    tracker: object
+
+
+def train(loop: Loop, start_epoch: int, best_acc1: float) -> dict:
+    args, run, d = loop.args, loop.run, loop.rt.dist
     run.start()
-    summary_csv = ckpt_dir / run.summary_name()
-    result = {"best_acc1": best_acc1, "ckpt_dir": ckpt_dir, "history": [], "mode": run.mode,
+    summary_csv = loop.ckpt_dir / run.summary_name()
+    result = {"best_acc1": best_acc1, "ckpt_dir": loop.ckpt_dir, "history": [], "mode": run.mode,
               "searches": run.searches, "saved": []}
     for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        lr = lr_at(args, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        set_epoch(shuffler, args.seed, epoch)
-        row = {"epoch": epoch, "lr": lr}
-        row.update(train_one_epoch(net, train_loader, criterion, optimizer, rt, epoch, args, run.extra_loss))
-        searched = run.end_of_epoch(epoch)  # -N: the projection into MESS form, before it is evaluated
-        row.update(evaluate(net, val_loader, criterion, rt))
-        row["seconds"] = round(time.time() - t0, 2)
+        row, searched = train_and_evaluate_epoch(loop, epoch)
         saves = run.saves(epoch)  # -N saves (and ranks) only projected networks
         is_best = saves and row["val_top1"] > best_acc1
         if saves:
@@ -303,31 +334,53 @@ def _run(args, tracker, d: Dist):
             row["searches"] = len(run.searches)
         if d.is_main:
             if saves:
-                state = run.state()  # plain weights, mess/quant entry, and what -R needs
-                state.update({"arch": spec, "epoch": epoch, "best_acc1": best_acc1,
-                              "optimizer": optimizer.state_dict(),
-                              "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
-                                            "last_epoch": epoch},
-                              "args": plain_args(args), "rng": rng_state()})
-                if rt.scaler is not None:  # fp16 loss scale: part of an exact resume
-                    state["scaler"] = rt.scaler.state_dict()
-                epoch_name, best_name = run.file_names(epoch)
-                save_checkpoint(state, ckpt_dir / epoch_name)
-                result["saved"].append(ckpt_dir / epoch_name)
-                if is_best:
-                    save_checkpoint(state, ckpt_dir / best_name)
-                    result["saved"].append(ckpt_dir / best_name)
+                result["saved"] += save_epoch(loop, epoch, best_acc1, is_best)
             append_csv(summary_csv, [row])
-            tracker.log(row, epoch)
+            loop.tracker.log(row, epoch)
         result["history"].append(row)
-        console.print(f"epoch {epoch}/{args.epochs} lr {lr:.3g} | train {row['train_loss']:.4f} "
+        console.print(f"epoch {epoch}/{args.epochs} lr {row['lr']:.3g} | train {row['train_loss']:.4f} "
                       f"{row['train_top1']:.2f}% | val {row['val_loss']:.4f} {row['val_top1']:.2f}% "
                       f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s"
                       + (" | searched" if searched else "") + (" *" if is_best else ""))
     if d.is_main:
-        tracker.artifact(summary_csv)
+        loop.tracker.artifact(summary_csv)
     result["best_acc1"] = best_acc1
     return result
+
+
+def train_and_evaluate_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
+    """One epoch at its learning rate, then validation: (summary row, whether -N searched)."""
+    args = loop.args
+    t0 = time.time()
+    lr = lr_at(args, epoch)
+    for g in loop.optimizer.param_groups:
+        g["lr"] = lr
+    set_epoch(loop.shuffler, args.seed, epoch)
+    row = {"epoch": epoch, "lr": lr}
+    row.update(train_one_epoch(loop.net, loop.train_loader, loop.criterion, loop.optimizer, loop.rt, epoch,
+                               args, loop.run.extra_loss))
+    searched = loop.run.end_of_epoch(epoch)  # -N: the projection into MESS form, before it is evaluated
+    row.update(evaluate(loop.net, loop.val_loader, loop.criterion, loop.rt))
+    row["seconds"] = round(time.time() - t0, 2)
+    return row, searched
+
+
+def save_epoch(loop: Loop, epoch: int, best_acc1: float, is_best: bool) -> list[Path]:
+    """The epoch's checkpoint (and the best one, when it is): what -R, -E and -T read back."""
+    args, rt = loop.args, loop.rt
+    state = loop.run.state()  # plain weights, mess/quant entry, and what -R needs
+    state.update({"arch": loop.spec, "epoch": epoch, "best_acc1": best_acc1,
+                  "optimizer": loop.optimizer.state_dict(),
+                  "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
+                                "last_epoch": epoch},
+                  "args": plain_args(args), "rng": rng_state()})
+    if rt.scaler is not None:  # fp16 loss scale: part of an exact resume
+        state["scaler"] = rt.scaler.state_dict()
+    epoch_name, best_name = loop.run.file_names(epoch)
+    saved = [loop.ckpt_dir / epoch_name] + ([loop.ckpt_dir / best_name] if is_best else [])
+    for p in saved:
+        save_checkpoint(state, p)
+    return saved
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def throughput(nproc, a):
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 str(ROOT / "main.py"), "digits", "-a", a.arch, "--layers", str(a.layers), "-j", "0",
                 "-b", str(a.batch_size), "--epochs", str(a.epochs)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(argv, cwd=d, env=env, check=True, capture_output=True)
         summary = next(Path(d).glob("checkpoint/*/digits/summary.csv"))
         rows = list(csv.DictReader(open(summary)))[1:]

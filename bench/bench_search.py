@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # mess_reference.py, the tests' per-kernel loop: not installed
 if os.environ.get("MESS_BENCH_COLD"):  # before torch reads it: an empty Inductor cache, a cold compile
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mess-bench-inductor-")
 

@@ -21,18 +21,15 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import models  # noqa: E402
-from mess.account import storage_account  # noqa: E402
-from mess.compress import compress  # noqa: E402
-from mess.packed_read import read_mess  # noqa: E402
-from mess.packed_write import write_mess  # noqa: E402
-from mess.settings import get_version  # noqa: E402
-from utils import select_device  # noqa: E402
+import models
+from mess.account import storage_account
+from mess.compress import compress
+from mess.packed_read import read_mess
+from mess.packed_write import write_mess
+from mess.settings import get_version
+from utils import select_device
 
 # name: (arch, layers, bn, dataset)
 MODELS = {

@@ -8,17 +8,14 @@ and the ratio ours / bare (goal: at least 0.95).
 """
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import main as mainmod  # noqa: E402
-import models  # noqa: E402
-from data import get_loaders  # noqa: E402
+import main as mainmod
+import models
+from data import get_loaders
 
 
 def bare_epoch(model, loader, criterion, optimizer):

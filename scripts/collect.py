@@ -15,8 +15,6 @@ import csv
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 COLUMNS = ["sweep", "dataset", "model", "ckpt", "stage", "format", "top1", "top5", "ratio", "bits",
            "fp32_bits"]
 

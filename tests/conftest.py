@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+# the repository; its modules import as installed by `pip install -e .`
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture
@@ -35,7 +35,9 @@ def run_main(argv, tracker=None):
 
 def run_cli(script, *argv, cwd=None, timeout=300):
     """A CLI in a subprocess: (exit code, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # rich fits its tables to COLUMNS, or to 80 columns in a pipe, where it cuts layer names short:
+    # one fixed width, whatever the terminal pytest was started from
+    env = dict(os.environ, COLUMNS="200")
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd,
                        capture_output=True, text=True, timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr

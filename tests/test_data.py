@@ -23,6 +23,22 @@ def test_digits_split_is_fixed_and_disjoint():
     assert set(te1.labels.tolist()) == set(range(10))
 
 
+
+def test_two_ranks_share_every_epoch_and_the_validation_set_without_overlap():
+    """What each torchrun process reads (tests/test_ddp.py runs the real thing, marked slow)."""
+    train, val = [], []
+    for rank in (0, 1):
+        _, val_loader, shuffler = data.get_loaders("digits", "data", 32, 0, rank=rank, world_size=2)
+        data.set_epoch(shuffler, 0, 3)
+        train.append(list(shuffler))
+        val.append(list(val_loader.dataset.indices))
+    assert sorted(train[0] + train[1]) == list(range(1438))  # each sample once an epoch, 719 per rank
+    assert len(train[0]) == len(train[1]) == 719
+    assert sorted(val[0] + val[1]) == list(range(359))
+    data.set_epoch(shuffler, 0, 4)
+    assert list(shuffler) != train[1]  # a new order every epoch
+
+
 def write_cifar10(root, n=20):
     """CIFAR-10's python pickle layout: five data batches, a test batch and the meta file."""
     folder = root / "cifar-10-batches-py"

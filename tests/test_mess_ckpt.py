@@ -62,11 +62,13 @@ def on_grid(x, scale, bits):
                 and q.max() <= 2 ** (bits - 1) - 1)
 
 
-def check_contract(out, src_sd, version, qb=8, qba=8, qbb=8):
-    """Everything docs/design.md §4 promises about a MESS checkpoint."""
+def check_contract(out, src, version, qb=8, qba=8, qbb=8):
+    """Everything docs/design.md §4 promises about a MESS checkpoint ``out`` made from ``src``."""
     ck = torch.load(out, map_location="cpu", weights_only=True)
-    sd, mess = ck["model"], ck["mess"]
-    assert mess["version"] == version and ck["epoch"] == 3 and ck["arch"]["arch"]
+    src_ck = torch.load(src, map_location="cpu", weights_only=True)
+    sd, mess, src_sd = ck["model"], ck["mess"], src_ck["model"]
+    assert mess["version"] == version
+    assert ck["arch"] == src_ck["arch"] and ck["epoch"] == src_ck["epoch"] == 3  # what rebuilds the model
     assert "optimizer" not in ck
     spec = VERSION_SPECS[version]
     covered = set()
@@ -122,10 +124,9 @@ def check_contract(out, src_sd, version, qb=8, qba=8, qbb=8):
 def test_every_version_writes_a_valid_checkpoint(in_tmp, version):
     src = make_ckpt("mobilenet")
     before = digest(src)
-    src_sd = torch.load(src, weights_only=True)["model"]
     res = compress(MOBILENET + ["-v", version])
     assert res["path"].name == NAMES[version] and res["path"].resolve().parent == (in_tmp / src).parent
-    ck = check_contract(res["path"], src_sd, version)
+    ck = check_contract(res["path"], src, version)
     assert ck["mess"]["pointwise"] is not None
     assert digest(src) == before
     s = summarize(ck)
@@ -134,10 +135,9 @@ def test_every_version_writes_a_valid_checkpoint(in_tmp, version):
 
 def test_np_and_pwd_and_bits_in_name(in_tmp):
     src = make_ckpt("mobilenet")
-    src_sd = torch.load(src, weights_only=True)["model"]
     r = compress(MOBILENET + ["-v", "v2qq", "--np", "--qb", "6", "--qba", "4", "--qbb", "5"])
     assert r["path"].name == "ckpt_best_v2qq_np_q645.pth"
-    ck = check_contract(r["path"], src_sd, "v2qq", 6, 4, 5)
+    ck = check_contract(r["path"], src, "v2qq", 6, 4, 5)
     assert ck["mess"]["pointwise"] is None
     r = compress(MOBILENET + ["-v", "v2", "-pwd", "4"])
     assert r["path"].name == "ckpt_best_v2_pwd4.pth"
@@ -150,11 +150,10 @@ def test_np_and_pwd_and_bits_in_name(in_tmp):
 @pytest.mark.parametrize("arch,layers", [("resnet", 20), ("mobilenetv2", 16), ("vgg", 11)])
 def test_other_archs(in_tmp, arch, layers):
     src = make_ckpt(arch, layers, width_mult=0.5)
-    src_sd = torch.load(src, weights_only=True)["model"]
     argv = ["cifar10", "-a", arch, "--layers", str(layers), "--width-mult", "0.5", "--ckpt", "ckpt_best.pth"]
     for version in ("v2qq", "v3", "v2nb"):
         r = compress(argv + ["-v", version])
-        check_contract(r["path"], src_sd, version)
+        check_contract(r["path"], src, version)
         assert (r["mess"]["pointwise"] is None) == (arch == "vgg")
 
 
@@ -182,7 +181,7 @@ for _v in ("v2qq-epsv1", "v2qq-epsv2", "v2qq-epsv3", "v2f"):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_storage_account_matches_hand_count(in_tmp, version):
-    src = make_ckpt("resnet", 20)
+    make_ckpt("resnet", 20)
     r = compress(RESNET + ["-v", version])
     acc = r["account"]
     assert acc.fp32_bits == FP32 == 17926 * 32
@@ -190,7 +189,9 @@ def test_storage_account_matches_hand_count(in_tmp, version):
     assert r["ratio"] == pytest.approx(FP32 / HAND[version])
     ck = torch.load(r["path"], weights_only=True)
     assert storage_account(ck["model"], ck["mess"]).mess_bits == HAND[version]
-    assert f"{FP32:,}" in summarize(ck) and src
+    # what main.py -E prints under the accuracy: the hand-counted sizes and their ratio
+    assert summarize(ck).splitlines()[1] == (f"size {HAND[version]:,} bits vs {FP32:,} bits float32: "
+                                                 f"compression ratio {FP32 / HAND[version]:.2f}x")
 
 
 def test_account_parts_are_per_tensor(in_tmp):

@@ -26,8 +26,12 @@ def test_linear_quantize_matches_the_formula(bits):
     assert torch.equal(xq, ref)
     q = (xq / scale).round()
     assert torch.equal(q * torch.tensor(scale), xq)  # on the grid: a packer gets x' back from q
-    assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
-    assert len(q.unique()) <= 2**bits
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert q.min() >= lo and q.max() <= hi
+    # each value goes to its nearest grid point: at most half a step away inside the grid, an end outside it
+    inside = (x >= lo * scale) & (x <= hi * scale)
+    assert ((xq - x)[inside].abs() <= scale / 2 * (1 + 1e-5)).all()
+    assert (q[x > (hi + 0.5) * scale] == hi).all() and (q[x < (lo - 0.5) * scale] == lo).all()
 
 
 def test_grid_is_centred_on_zero_and_clips():

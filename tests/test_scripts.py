@@ -40,10 +40,21 @@ def run_script(name, cwd, **env):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(cwd / "results" / f"{name}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    bits_of_format = {}
     for r in rows:
         assert r["sweep"] == name and r["dataset"] == "digits"
-        assert 0.0 <= float(r["top1"]) <= 100.0
-        assert float(r["ratio"]) == pytest.approx(int(r["fp32_bits"]) / int(r["bits"]), rel=1e-2)
+        ck = torch.load(cwd / "checkpoint" / r["model"] / "digits" / r["ckpt"], map_location="cpu",
+                        weights_only=True)
+        floats = sum(v.numel() for v in ck["model"].values() if v.is_floating_point())
+        assert int(r["fp32_bits"]) == 32 * floats  # the ratio is against the float32 state_dict
+        if r["format"] == "float32":
+            assert int(r["bits"]) == int(r["fp32_bits"]) and r["ratio"] == "1.0"
+        else:
+            assert int(r["bits"]) < int(r["fp32_bits"]) and float(r["ratio"]) > 1.0
+        bits_of_format.setdefault(r["format"], set()).add(r["bits"])
+        if r["stage"] in ("trained", "retrained"):  # the table's -E gives back what training measured
+            assert float(r["top1"]) == pytest.approx(ck["best_acc1"], abs=0.006)
+    assert all(len(b) == 1 for b in bits_of_format.values()), bits_of_format  # retraining keeps the size
     assert "compression" in p.stdout  # the table, printed at the end
     if name != "quickstart":  # the sweeps drop per-epoch files, as the original's did
         assert not list(cwd.glob("checkpoint/*/digits/ckpt_rt*_epoch_*.pth"))

@@ -115,7 +115,17 @@ def test_wideresnet_on_tinyimagenet_compresses_and_evaluates_with_every_version(
     assert ckpt["mess"]["version"] == version and ckpt["mess"]["kernel"]["bank"] == "conv1"
     assert res["ratio"] > 1.0
     ev = run_main(WRN + LOADER + ["-E", "--ckpt", out.name])
-    assert 0.0 <= ev["metrics"]["val_top1"] <= 100.0
+    # -E evaluated the compressed weights: their loss and top-1 on the six validation images, computed here
+    model = models.build_model("wideresnet", "tinyimagenet", 10, 0.25)
+    model.load_state_dict(ckpt["model"])
+    _, val = data.get_datasets("tinyimagenet", trained / "data")
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert ev["metrics"]["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(),
+                                                      rel=1e-4)
+    assert ev["metrics"]["val_top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).sum().item() / len(y))
     # the evaluated weights are the compressed ones: every covered layer changed, and they load
     changed = [n for n in ckpt["mess"]["kernel"]["layers"]
                if not torch.equal(ckpt["model"][f"{n}.weight"], before["model"][f"{n}.weight"])]
