@@ -115,7 +115,9 @@ def test_retraining_in_the_callers_loop_keeps_every_state_representable(tmp_path
         opt.step()
         state = mess.export(net)  # raises NotRepresentable if the weights left MESS form
         mess.validate(state)
-        assert mess.save(state, tmp_path / f"step{step}.mess") > 0
+        mess.save(state, tmp_path / f"step{step}.mess")  # refuses a state that is not exactly its entry
+        back = read_mess(tmp_path / f"step{step}.mess")["model"]
+        assert all(torch.equal(back[k], v) for k, v in state.state_dict.items())
     moved = [t for t in targets
              if not torch.equal(state.state_dict[f"{t}.weight"], c.state_dict[f"{t}.weight"])]
     assert moved == targets  # every covered layer trained
