@@ -1,4 +1,7 @@
-"""End to end on digits: train briefly, compress with every version, evaluate with main.py -E."""
+"""End to end on digits: train briefly, compress with every version, evaluate with main.py -E.
+
+Slow (a minute or more per architecture); tests/test_tinyimagenet.py compresses and evaluates every
+version of a model trained for three steps, tests/test_retrain.py retrains a compressed digits model."""
 import pytest
 from conftest import run_main
 
@@ -12,6 +15,7 @@ ARCHS = {  # model flags, epochs: a few seconds of training each on 2 cores
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_compress_and_evaluate_every_version(in_tmp, capsys, arch):
     flags, epochs = ARCHS[arch]

@@ -3,6 +3,9 @@ import torch
 
 import models
 
+# ImageNet-size builds take seconds each (up to 60M weights to initialise): the fast tier keeps these
+# depths, one per block type; the deeper ones are marked slow
+FAST_IMAGENET_DEPTHS = {"resnet": (18, 50), "vgg": (11,), "wideresnet": (50,)}
 CASES = []
 for arch in models.list_models():
     for dataset in ("cifar10", "cifar100", "imagenet"):
@@ -14,7 +17,8 @@ for arch in models.list_models():
         # 600 residual sums overflow, as akamaster's own resnet1202 does
         for layers in (d for d in depths if d < 1000):
             for bn in ((False, True) if arch == "vgg" else (False,)):
-                CASES.append((arch, dataset, layers, bn))
+                slow = dataset == "imagenet" and layers not in FAST_IMAGENET_DEPTHS.get(arch, depths)
+                CASES.append(pytest.param(arch, dataset, layers, bn, marks=pytest.mark.slow if slow else ()))
 
 
 @pytest.mark.parametrize("arch,dataset,layers,bn", CASES)

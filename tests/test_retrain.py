@@ -329,7 +329,8 @@ def test_quantized_finetuning_stays_on_the_grid(work, capsys):
 
 
 @pytest.mark.parametrize("extra,prefix", [
-    (["--pl", "--wclip", "2"], "ckpt_rt1_v2qq_q344_pl1_wclip2"),  # MESS form: latent bank, alpha, beta
+    # MESS form: latent bank, alpha, beta (slow: the fast tier resumes the -N run below)
+    pytest.param(["--pl", "--wclip", "2"], "ckpt_rt1_v2qq_q344_pl1_wclip2", marks=pytest.mark.slow),
     (["-N", "-s", "1"], "ckpt_rt1_v2qq_q344_s1"),  # free training with a search at each epoch
 ])
 def test_resume_of_a_retraining_run_is_exact(work, tmp_path_factory, monkeypatch, extra, prefix):

@@ -1,8 +1,8 @@
 """scripts/: the quickstart and the original's sweep scripts run end to end on digits and write their tables.
 
-Tiny settings: one epoch, thin models, one bit width, CPU, one thread. To keep the default run short, the
-four sweeps of the -T -Q / v2nb paths are marked slow (``-m 'not slow'`` skips them); the quickstart and the
-two v2qq CIFAR sweeps always run (sh_v2qq_cifar_test from a baseline trained here, in-process).
+Tiny settings: one epoch, thin models, one bit width, CPU, one thread. The quickstart runs in the fast tier;
+the six sweeps are marked slow (``-m 'not slow'`` skips them; the TRAIN=0 ones start from a baseline trained
+here, in-process).
 """
 import csv
 import os
@@ -74,12 +74,14 @@ def test_quickstart_prints_accuracy_and_ratio_side_by_side(tmp_path):
     assert "ckpt_rt1_v2qq_q444_best.pth" in out
 
 
+@pytest.mark.slow
 def test_v2qq_cifar_run(tmp_path):
     rows, _ = run_script("sh_v2qq_cifar_run", tmp_path, ARCH="resnet", LAYERS="20", S="1",
                          MODEL_FLAGS="--width-mult 0.5")
     assert table(rows) == [("ckpt_new_v2qq_q488_s1_best.pth", "trained", "v2qq q488")]
 
 
+@pytest.mark.slow
 def test_v2qq_cifar_test(tmp_path, baseline):
     shutil.copytree(baseline, tmp_path / "checkpoint")
     rows, _ = run_script("sh_v2qq_cifar_test", tmp_path, LAYERS="20", QBS="4 3", TRAIN="0",

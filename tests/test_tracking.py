@@ -2,6 +2,8 @@
 
 The server is SecantusDB (a MongoDB-compatible server in Python, a test dependency), started
 in-process on 127.0.0.1; Omniboard is the one pinned in scripts/omniboard (`npm ci` there).
+The tests of a real `python main.py` run (two epochs in a subprocess) are marked slow; the tracking
+layer alone and an in-process compression run are the fast tier's.
 """
 
 import argparse
@@ -68,6 +70,7 @@ def summary_rows(cwd):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_file_records_hold_flags_metrics_files_and_result(digits_run):
     cwd = digits_run["cwd"]
     run = cwd / "runs" / "1"
@@ -97,6 +100,7 @@ def test_file_records_hold_flags_metrics_files_and_result(digits_run):
     assert "WARNING" not in err and "Traceback" not in err and "INFO" not in err, err  # no sacred chatter
 
 
+@pytest.mark.slow
 def test_mongodb_holds_the_run_its_metrics_and_files(digits_run):
     import pymongo
     rows = summary_rows(digits_run["cwd"])
@@ -116,6 +120,7 @@ def test_mongodb_holds_the_run_its_metrics_and_files(digits_run):
         assert [a["name"] for a in run["artifacts"]] == ["summary.csv"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not OMNIBOARD.is_file() or not shutil.which("node"),
                     reason="Omniboard is not installed: cd scripts/omniboard && npm ci")
 def test_omniboard_lists_the_run_and_its_metrics(digits_run):
@@ -161,6 +166,7 @@ def test_omniboard_lists_the_run_and_its_metrics(digits_run):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_evaluation_is_recorded_with_its_metrics_and_eval_csv(digits_run, monkeypatch):
     import main
     monkeypatch.chdir(digits_run["cwd"])
@@ -309,6 +315,7 @@ def test_compression_run_records_ratio_bits_residuals_and_report(in_tmp):
     assert {r["layer"] for r in report} == {r["layer"] for r in out["rows"]}
 
 
+@pytest.mark.slow
 def test_find_similar_kernel_cli_is_a_recorded_run(digits_run):
     cwd = digits_run["cwd"]
     rc, out, err = run_cli("find_similar_kernel.py", *TINY[:7], "-v", "v2nb", "--ckpt", "ckpt_best.pth",

@@ -12,6 +12,7 @@ TINY = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.5", "-j",
 CKPT_DIR = "checkpoint/resnet20_w0.5/digits"
 
 
+@pytest.mark.slow  # 8 epochs at full width; the tests below train the thin model for 1 to 3
 def test_quickstart_reaches_97_percent_on_digits(in_tmp):
     # the README quickstart: ResNet-20, 8 epochs, cosine schedule
     res = run_main(["digits", "-a", "resnet", "--layers", "20", "--epochs", "8", "--sched", "cosine",
@@ -129,7 +130,7 @@ def test_checkpoints_load_weights_only(in_tmp):
 
 
 # ------------------------------------------------------------ user errors, as the shell sees them
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     import os
