@@ -130,6 +130,7 @@ def test_retraining_in_the_callers_loop_keeps_every_state_representable(tmp_path
     assert torch.equal(fresh(X), net(X))
 
 
+@pytest.mark.slow
 def test_the_example_script_runs_end_to_end(tmp_path):
     out = tmp_path / "own.mess"
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py"), "--epochs", "1",

@@ -262,6 +262,7 @@ def test_checkpoint_of_another_model(in_tmp, capsys):
     assert_user_error(e.value.code, capsys.readouterr().err, "holds a resnet20_w0.25")
 
 
+@pytest.mark.slow
 def test_cli_subprocess(in_tmp):
     src = make_ckpt("mobilenet")
     rc, out, err = run_cli("find_similar_kernel.py", *MOBILENET, "-v", "v2qq", cwd=in_tmp)

@@ -88,6 +88,7 @@ def assert_all_representable(res):
 
 
 # ------------------------------------------------------------------ the acceptance tests
+@pytest.mark.slow
 def test_retraining_wins_accuracy_back_in_mess_form(work, capsys):
     compressed = work[V2QQ]
     assert compressed < work["ckpt_best.pth"] - 20, work  # the low bit widths visibly hurt
@@ -158,6 +159,7 @@ def test_new_method_searches_at_every_boundary(work):
                for t, e in src["kernel"]["layers"].items())
 
 
+@pytest.mark.slow
 def test_new_method_from_scratch_saves_only_projected_networks(work):
     res = run_main(TINY + ["-N", "-s", "2", "-v", "v2qq", "--epochs", "3", "--lr", "0.05"])
     assert res["searches"] == [2, 3]  # every -s epochs, and at the last
@@ -285,6 +287,7 @@ def nuclear_and_correlation(path):
         return nuclear_loss(model, paths).item(), 1 - pcc_loss(model, paths, index).item()
 
 
+@pytest.mark.slow
 def test_nl_lowers_the_nuclear_norm_and_pl_raises_the_correlation(work):
     scratch = TINY + ["--epochs", "1", "--lr", "0.05"]
     base = nuclear_and_correlation(run_main(scratch)["saved"][0])
@@ -333,6 +336,7 @@ def test_quantized_finetuning_stays_on_the_grid(work, capsys):
     pytest.param(["--pl", "--wclip", "2"], "ckpt_rt1_v2qq_q344_pl1_wclip2", marks=pytest.mark.slow),
     (["-N", "-s", "1"], "ckpt_rt1_v2qq_q344_s1"),  # free training with a search at each epoch
 ])
+@pytest.mark.slow
 def test_resume_of_a_retraining_run_is_exact(work, tmp_path_factory, monkeypatch, extra, prefix):
     argv = TINY + ["-T", "--ckpt", V2QQ, "--epochs", "2", "--lr", "0.01", *extra]
     straight = run_main(argv)

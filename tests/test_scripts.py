@@ -65,6 +65,7 @@ def table(rows):
     return [(r["ckpt"], r["stage"], r["format"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_quickstart_prints_accuracy_and_ratio_side_by_side(tmp_path):
     rows, out = run_script("quickstart", tmp_path, MODEL_FLAGS="--width-mult 0.5", BATCH="256")
     assert table(rows) == [("ckpt_best.pth", "trained", "float32"),

@@ -179,6 +179,7 @@ def test_evaluation_is_recorded_with_its_metrics_and_eval_csv(digits_run, monkey
     assert info["result"] == out["metrics"]["val_top1"] and info["artifacts"] == ["eval.csv"]
 
 
+@pytest.mark.slow
 def test_unreachable_database_fails_fast_with_one_line(in_tmp):
     port = closed_port()
     t0 = time.monotonic()
@@ -265,6 +266,7 @@ def test_database_user_errors(in_tmp, monkeypatch, kw, env, needle):
     assert not (in_tmp / "runs").exists() and not (in_tmp / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_database_lost_mid_run_costs_a_warning_not_the_run(in_tmp, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.setattr(tracking, "SERVER_TIMEOUT_S", 0.5)
     server = start_server(tmp_path_factory.mktemp("mongo"))

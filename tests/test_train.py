@@ -37,6 +37,7 @@ class StopAfter:
         pass
 
 
+@pytest.mark.slow
 def test_resume_is_exact(in_tmp, tmp_path_factory):
     straight = run_main(TINY + ["--epochs", "3"])
     w_straight = torch.load(f"{CKPT_DIR}/ckpt_epoch_3.pth", weights_only=True)["model"]
@@ -92,6 +93,7 @@ def test_dataparallel_checkpoint_evaluates_on_cpu(in_tmp):
     assert len(lines) == 2 and lines[1].startswith(f"{path},{res['metrics']['val_loss']},")
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_best_accuracy(in_tmp):
     res = run_main(TINY + ["--epochs", "2"])
     ev = run_main(TINY + ["-E", "--ckpt", "ckpt_best.pth"])
@@ -183,6 +185,7 @@ def test_checkpoint_of_another_architecture_says_which(trained):
     assert_user_error(rc, err, "resnet20_w0.5", "mobilenet")
 
 
+@pytest.mark.slow
 def test_resume_of_a_weights_only_checkpoint_is_refused(trained):
     p = trained / "weights.pth"
     sd = load_checkpoint(trained / CKPT_DIR / "ckpt_best.pth")["model"]
@@ -191,6 +194,7 @@ def test_resume_of_a_weights_only_checkpoint_is_refused(trained):
     assert_user_error(rc, err, "not resumed")
 
 
+@pytest.mark.slow
 def test_resume_past_the_last_epoch_is_refused(trained):
     rc, _, err = run_cli("main.py", *TINY, "--epochs", "1", "-R", "--ckpt", "ckpt_epoch_1.pth", cwd=trained)
     assert_user_error(rc, err, "already holds epoch 1", "--epochs")
