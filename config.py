@@ -38,8 +38,9 @@ FLAGS = {
     "batch_size": _flag("-b", "--batch-size", dest="batch_size", type=int, default=128, metavar="N",
                         help="mini-batch size (default: 128), this is the total batch size of all "
                              "GPUs on the current node when using Data Parallel"),
-    "lr": _flag("--lr", "--learning-rate", dest="lr", type=float, default=0.1, metavar="LR",
-                help="initial learning rate (defualt: 0.1)"),
+    "lr": _flag("--lr", "--learning-rate", dest="lr", type=float, default=None, metavar="LR",
+                help="initial learning rate (default: 0.1; with -T 0.001, a fine-tuning rate: 0.01 and "
+                     "more undo what the compressed weights keep; a MESS bank trains at a tenth of it)"),
     "momentum": _flag("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: 0.9)"),
     "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4,
                           metavar="W", help="weight decay (default: 5e-4)"),
@@ -93,6 +94,24 @@ FLAGS = {
     "qbb": _flag("--qbb", "--quant_bit_b", dest="qbb", type=int, default=8, metavar="N",
                  help="number of bits for quantizing betas (Default: 8)"),
     # ---- new in this suite
+    "bank": _flag("--bank", default="layer", choices=("layer", "learned"),
+                  help="where the bank comes from: layer (the bank layer's own vectors, the original's) | "
+                       "learned (--bank-size vectors fitted to the covered kernels, stored once at --qb "
+                       "bits) (default: layer)"),
+    "bank_size": _flag("--bank-size", dest="bank_size", type=int, default=256, metavar="N",
+                       help="rows of a learned bank, before v3's 8 transforms (default: 256)"),
+    "grid": _flag("--grid", default="mse", choices=("mse", "minmax"),
+                  help="grid of alphas and betas (and of a learned bank): mse (symmetric, clipped where the "
+                       "squared error is least; betas refitted to the quantized alphas) | minmax (the "
+                       "original's max - min grid) (default: mse)"),
+    "bn_calib": _flag("--bn-calib", dest="bn_calib", default="correct",
+                      choices=("correct", "reestimate", "off"),
+                      help="after compressing, bring the BatchNorm running statistics up to date on "
+                           "--bn-images augmented training images: correct (shift and scale them by what "
+                           "the compression changed against the float network) | reestimate (recompute "
+                           "them from the compressed network) | off (default: correct)"),
+    "bn_images": _flag("--bn-images", dest="bn_images", type=int, default=1024, metavar="N",
+                       help="training images for --bn-calib (default: 1024)"),
     "wclip": _flag("--wclip", dest="wclip", type=float, default=None, metavar="K",
                    help="after each optimizer step clamp each covered layer's weights to their mean +- K "
                         "standard deviations (the original's TODO; default: off)"),
@@ -122,6 +141,8 @@ FLAGS = {
 
 MODEL_FLAGS = ("dataset", "arch", "layers", "bn", "width_mult", "datapath", "ckpt", "cuda", "gpuids")
 MESS_FLAGS = ("version", "bind_size", "pw_bind_size", "quant", "np", "qb", "qba", "qbb")
+BANK_FLAGS = ("bank", "bank_size", "grid")  # the search's new options (find_similar_kernel.py, -N)
+BN_FLAGS = ("bn_calib", "bn_images")  # BatchNorm calibration after compressing (mess.bn)
 TRACK_FLAGS = ("mongo_url", "mongo_db", "no_track")  # experiment records (tracking.py)
 
 
@@ -140,4 +161,5 @@ def get_args_parser() -> argparse.ArgumentParser:
         "layers", "bn", "width_mult", "groups", "print_freq", "ckpt", "resume", "evaluate", "cuda",
         "retrain", "gpuids", "datapath", "version", "bind_size", "pw_bind_size", "new", "save_epoch",
         "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb", "wclip",
-        "seed", "sched", "amp", "channels_last", "pin_memory", "persistent_workers") + TRACK_FLAGS)
+        "seed", "sched", "amp", "channels_last", "pin_memory", "persistent_workers") + BANK_FLAGS + BN_FLAGS
+        + TRACK_FLAGS)

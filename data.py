@@ -71,7 +71,7 @@ def digits_datasets(size: int = 32):
             TensorImages(x[test_idx], y[test_idx]))
 
 
-def cifar_datasets(name: str, root: Path, stats: tuple | None = None):
+def cifar_datasets(name: str, root: Path, stats: tuple | None = None, download: bool = True):
     import torchvision
     import torchvision.transforms as T
     cls, folder, archive = {
@@ -82,12 +82,14 @@ def cifar_datasets(name: str, root: Path, stats: tuple | None = None):
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                           T.Normalize(*stats)])
     val_tf = T.Compose([T.ToTensor(), T.Normalize(*stats)])
-    root.mkdir(parents=True, exist_ok=True)
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
     try:
-        train = cls(str(root), train=True, transform=train_tf, download=True)
-        val = cls(str(root), train=False, transform=val_tf, download=True)
+        train = cls(str(root), train=True, transform=train_tf, download=download)
+        val = cls(str(root), train=False, transform=val_tf, download=download)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError too
-        raise UserError(f"{name} is not in {root / folder} and could not be downloaded ({e}); "
+        how = f"could not be downloaded ({e})" if download else "was not downloaded"
+        raise UserError(f"{name} is not in {root / folder} and {how}; "
                         f"put {archive} from https://www.cs.toronto.edu/~kriz/ in {root}") from None
     return train, val
 
@@ -147,8 +149,10 @@ def tinyimagenet_datasets(root: Path, stats: tuple = TINYIMAGENET_STATS):
     return train, TinyImageNetVal(base / "val", train.class_to_idx, val_tf)
 
 
-def get_datasets(dataset: str, datapath, arch: str | None = None) -> tuple[Dataset, Dataset]:
-    """Train and validation sets of ``dataset``, normalised as ``arch`` expects (``input_stats``)."""
+def get_datasets(dataset: str, datapath, arch: str | None = None,
+                 download: bool = True) -> tuple[Dataset, Dataset]:
+    """Train and validation sets of ``dataset``, normalised as ``arch`` expects (``input_stats``);
+    ``download``: fetch CIFAR when it is not there (the others are never downloaded here)."""
     root = Path(datapath)
     if dataset == "digits":
         return digits_datasets()
@@ -156,10 +160,27 @@ def get_datasets(dataset: str, datapath, arch: str | None = None) -> tuple[Datas
         raise UserError(f"unknown dataset {dataset!r}")
     stats = input_stats(dataset, arch)
     if dataset in ("cifar10", "cifar100"):
-        return cifar_datasets(dataset, root, stats)
+        return cifar_datasets(dataset, root, stats, download)
     if dataset == "imagenet":
         return imagenet_datasets(root, stats)
     return tinyimagenet_datasets(root, stats)
+
+
+def calibration_images(dataset: str, datapath, n: int, arch: str | None = None,
+                       seed: int = 0) -> torch.Tensor:
+    """``n`` training images (a fixed random choice), each through the training augmentation, as one
+    tensor: what ``mess.bn.calibrate_bn`` brings BatchNorm statistics up to date on."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--bn-images must be at least 1, got {n}")
+    train_set, _ = get_datasets(dataset, datapath, arch, download=False)  # compressing downloads nothing
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train_set), generator=g)[:n].tolist()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the augmentation's draws: the same images every time
+    try:
+        return torch.stack([train_set[i][0] for i in idx])
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def get_loaders(dataset: str, datapath, batch_size: int, workers: int, pin_memory: bool = False,

@@ -9,16 +9,20 @@ its packed ``.mess`` file beside it, and prints the storage account (§5).
 """
 from __future__ import annotations
 
+import copy
+import sys
 import time
 
-from config import MESS_FLAGS, MODEL_FLAGS, TRACK_FLAGS, OneLineParser, add_flags
+from config import BANK_FLAGS, BN_FLAGS, MESS_FLAGS, MODEL_FLAGS, TRACK_FLAGS, OneLineParser, add_flags
+from data import calibration_images
 from mess.account import print_account, storage_account
+from mess.bn import batchnorms, calibrate_bn
 from mess.checkpoint import with_weights
 from mess.compress import compress
 from mess.names import compressed_name, packed_name
 from mess.packed_write import size_line, write_mess
 from mess.settings import Settings
-from utils import load_model_checkpoint, run_cli, save_checkpoint, select_device
+from utils import UserError, load_model_checkpoint, run_cli, save_checkpoint, select_device
 
 
 def get_args_parser():
@@ -26,11 +30,34 @@ def get_args_parser():
                            description="Compress a trained checkpoint with MESS (writes a new checkpoint "
                                        "and its packed .mess file beside it and prints the storage "
                                        "account).")
-    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("fc",) + TRACK_FLAGS)
+    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("fc",) + BANK_FLAGS + BN_FLAGS + TRACK_FLAGS)
+
+
+def calibrate(args, model, state_dict: dict) -> dict:
+    """BatchNorm calibration of the compressed ``state_dict`` in place (--bn-calib, --bn-images, mess.bn)
+    against the float ``model``; returns what the checkpoint records of it ({} when off)."""
+    if args.bn_calib == "off" or not batchnorms(model):
+        return {}
+    try:
+        images = calibration_images(args.dataset, args.datapath, args.bn_images, args.arch)
+    except UserError as e:  # compressing needs no data: say what is skipped, and why
+        print(f"note: BatchNorm statistics left as they were (no training images: {e}); "
+              f"--bn-calib off skips it without this note", file=sys.stderr)
+        return {}
+    net = copy.deepcopy(model)
+    net.load_state_dict(state_dict)
+    layers = calibrate_bn(net, images, method=args.bn_calib, reference=model)
+    for key, v in net.state_dict().items():
+        if "running_" in key or key.endswith("num_batches_tracked"):
+            state_dict[key] = v.detach().cpu().clone()
+    return {"bn_calib": {"method": args.bn_calib, "images": len(images), "layers": layers}}
 
 
 def main(args):
     settings = Settings.from_args(args)  # flag errors first, before any file is read
+    if args.bn_calib != "off" and args.bn_images < 1:
+        raise UserError(f"--bn-images must be at least 1, got {args.bn_images} (--bn-calib off switches "
+                        f"the calibration off)")
     device = select_device(args.cuda, args.gpuids)
     model, ckpt, path = load_model_checkpoint(args)
     if "mess" in ckpt:
@@ -39,11 +66,12 @@ def main(args):
     t0 = time.perf_counter()
     c = compress(model, settings, arch=args.arch, device=device)
     seconds = time.perf_counter() - t0
+    bn = calibrate(args, model, c.state_dict)
     c.entry.args = {k: v for k, v in vars(args).items()  # never the database URL: it may hold a password
                     if isinstance(v, (str, int, float, bool, list, type(None))) and k != "mongo_url"}
     name = compressed_name(path.stem, settings, pointwise_ran=c.entry.pointwise is not None)
     out_path = path.with_name(name)
-    out = with_weights(ckpt, c.state_dict, mess=c.entry.to_dict())
+    out = with_weights(ckpt, c.state_dict, mess=c.entry.to_dict(), **bn)
     save_checkpoint(out, out_path)
     mess_path = out_path.with_name(packed_name(name))
     mess_bytes = write_mess(mess_path, out)  # the packed network, beside the checkpoint
@@ -52,6 +80,9 @@ def main(args):
     print_account(account, c.rows, title=f"MESS {settings.version}: {path.name}")
     print(f"searched {n_targets:,} vectors in {seconds:.2f}s on {device}; wrote {out_path} "
           f"and {mess_path.name}")
+    if bn:
+        print(f"BatchNorm statistics: {bn['bn_calib']['method']} on {bn['bn_calib']['images']} augmented "
+              f"training images ({bn['bn_calib']['layers']} layers)")
     print(size_line(mess_path, mess_bytes, c.state_dict))
     return {"path": out_path, "mess": out["mess"], "entry": c.entry, "account": account,
             "ratio": account.ratio, "rows": c.rows, "seconds": seconds, "mess_path": mess_path,

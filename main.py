@@ -24,8 +24,9 @@ from tqdm import tqdm
 import models
 import retrain
 from config import TRACK_FLAGS, get_args_parser
-from data import get_loaders, set_epoch
+from data import calibration_images, get_loaders, set_epoch
 from mess.account import summarize
+from mess.bn import calibrate_bn
 from utils import (
     Dist,
     UserError,
@@ -50,6 +51,9 @@ from utils import (
 console = Console(highlight=False)
 
 
+SCRATCH_LR, FINETUNE_LR = 0.1, 0.001  # --lr without the flag (config.py's help says so)
+
+
 class NullTracker:
     """Where per-epoch metrics and files go besides the CSVs (experiment records hook)."""
 
@@ -61,6 +65,8 @@ class NullTracker:
 
 
 def validate_args(args) -> None:
+    if args.lr is None:  # from scratch the original's 0.1; -T fine-tunes trained weights
+        args.lr = FINETUNE_LR if args.retrain else SCRATCH_LR
     if args.resume and args.evaluate:
         raise UserError("-R/--resume and -E/--evaluate exclude each other")
     if (args.resume or args.evaluate) and not args.ckpt:
@@ -238,6 +244,8 @@ def _run(args, tracker, d: Dist):
         pin_memory=args.pin_memory and device.type == "cuda",
         persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size,
         arch=args.arch)  # the normalisation the architecture's weights expect (models.input_stats)
+    if run is not None:
+        calibrate_start(args, run, ckpt, device)
     net = wrap_model(model, device, args.gpuids, d)
     if args.evaluate:
         return evaluate_checkpoint(args, net, val_loader, criterion, rt, ckpt, ckpt_dir)
@@ -254,6 +262,26 @@ def _run(args, tracker, d: Dist):
     loop = Loop(args, rt, run, net, criterion, optimizer, train_loader, val_loader, shuffler, ckpt_dir, spec,
                 tracker)
     return train(loop, start_epoch, best_acc1)
+
+
+def calibrate_start(args, run, ckpt, device) -> None:
+    """BatchNorm statistics of a compressed network before retraining (-T) starts, so that its first
+    evaluation is not of stale statistics: re-estimated on augmented training images unless the
+    checkpoint's were already calibrated (find_similar_kernel.py's default). -N corrects them after
+    every projection (retrain.Retrainer._project); both follow --bn-calib and --bn-images."""
+    if args.bn_calib == "off" or run.mode not in ("mess", "quant", "free"):
+        return
+    if args.bn_images < 1:
+        raise UserError(f"--bn-images must be at least 1, got {args.bn_images} (--bn-calib off switches "
+                        f"the calibration off)")
+    images = calibration_images(args.dataset, args.datapath, args.bn_images, args.arch)  # retraining reads
+    if run.mode == "free":  # them anyway
+        run.bn_images, run.bn_method = images, args.bn_calib
+    elif args.retrain and not args.resume and not (ckpt or {}).get("bn_calib"):
+        layers = calibrate_bn(run.model.to(device), images.to(device), method="reestimate")
+        if layers:
+            console.print(f"BatchNorm statistics re-estimated on {len(images)} augmented training images "
+                          f"({layers} layers) before retraining")
 
 
 def load_input_checkpoint(args, model, spec, ckpt_dir):
@@ -354,7 +382,7 @@ def train_and_evaluate_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
     t0 = time.time()
     lr = lr_at(args, epoch)
     for g in loop.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # a MESS bank trains slower (retrain.BANK_LR_SCALE)
     set_epoch(loop.shuffler, args.seed, epoch)
     row = {"epoch": epoch, "lr": lr}
     row.update(train_one_epoch(loop.net, loop.train_loader, loop.criterion, loop.optimizer, loop.rt, epoch,

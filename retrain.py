@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from mess import names
+from mess.bn import calibrate_bn
 from mess.compress import compress, refit_fixed_k
 from mess.entry import Entry
 from mess.layers import plan_layers
@@ -51,8 +52,10 @@ from mess.quant import conv_layers, linear_quantize
 from mess.settings import VERSION_SPECS, Settings, check_bits
 from utils import Dist, UserError
 
-
 # ---------------------------------------------------------------- what a run is, and its file names
+BANK_LR_SCALE = 0.1  # bank rows' learning rate against the rest, in mess mode (param_groups)
+
+
 @dataclass
 class RunSpec:
     mode: str  # train | finetune | quant | mess | free
@@ -160,6 +163,8 @@ class Retrainer:
     shadow: nn.Module | None = None  # a plain CPU copy that searches run on
     quant_layers: list[str] = field(default_factory=list)
     quant_bits: int | None = None  # -Q: the grid's bits
+    bn_images: torch.Tensor | None = None  # -N: images the BatchNorms are corrected on after a projection
+    bn_method: str = "correct"
 
     @property
     def mode(self) -> str:
@@ -221,14 +226,20 @@ class Retrainer:
                 p.copy_(latent[name])
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Trainable tensors; alpha and beta are scales of their vectors, so they get no weight decay."""
-        ab = [p for m in self.model.modules() if isinstance(m, MessWeight)
-              for p in (m.alpha, m.beta) if p is not None]
-        ids = {id(p) for p in ab}
+        """Trainable tensors; alpha and beta are scales of their vectors, so they get no weight decay.
+        A shared bank row collects the gradients of every vector fitted to it (hundreds), so in mess
+        mode the banks train at ``BANK_LR_SCALE`` of the learning rate."""
+        mws = [m for m in self.model.modules() if isinstance(m, MessWeight)]
+        ab = [p for m in mws for p in (m.alpha, m.beta) if p is not None]
+        banks = list({id(p): p for m in mws for p in ([m.bank.weight] if m.learned else [latent(m.bank)])
+                      }.values()) if self.mode == "mess" else []
+        ids = {id(p) for p in ab + banks}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest}]
         if ab:
             groups.append({"params": ab, "weight_decay": 0.0})
+        if banks:
+            groups.append({"params": banks, "lr_scale": BANK_LR_SCALE})
         return groups
 
     def attach(self, optimizer) -> None:
@@ -323,7 +334,13 @@ class Retrainer:
             else:
                 c = compress(model, self._settings(self.version), arch=self.args.arch, device=self.device)
                 sd, entry = c.state_dict, c.entry
-            return {f"{n}.weight": sd[f"{n}.weight"] for n in entry.covered()}, entry
+            out = {f"{n}.weight": sd[f"{n}.weight"] for n in entry.covered()}
+            if self.bn_images is not None:  # statistics of the projected network, not of the float one
+                projected = copy.deepcopy(model)
+                projected.load_state_dict(sd)
+                calibrate_bn(projected, self.bn_images, method=self.bn_method, reference=model)
+                out.update({k: v for k, v in projected.state_dict().items() if "running_" in k})
+            return out, entry
 
         weights, entry = broadcast_from_main(make, self.dist)
         with torch.no_grad():

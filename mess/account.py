@@ -62,7 +62,8 @@ def storage_account(state_dict: dict, entry: Entry | dict | None = None,
       (32 for float) plus one 32-bit scale each when quantized, and the pointwise remainder
       (columns past ``I // d * d``) at 32 bits;
     * a bank layer's weight: ``weight_bits`` per value plus one 32-bit scale (32 bits per
-      value and no scale in v2); a plain-quantized conv weight (``quant``) likewise;
+      value and no scale in v2); a plain-quantized conv weight (``quant``) likewise; a learned
+      bank (``--bank learned``) likewise, counted with its path's bank layer;
     * everything else that is a float tensor (BN parameters and running statistics, biases,
       FC, uncovered stems and convs): 32 bits per value. Integer buffers (BN's
       ``num_batches_tracked``) are not weights and count on neither side.
@@ -105,6 +106,13 @@ def storage_account(state_dict: dict, entry: Entry | dict | None = None,
             tensors.append(TensorBits(f"{key}:scale", layer, "scale", 1, 32))
         else:
             tensors.append(TensorBits(key, layer, "float", v.numel(), 32))
+    for path in entry.paths() if entry else ():
+        if path.learned is not None:  # stored once beside the bank layer, at the weight bits
+            wb = entry.weight_bits
+            tensors.append(TensorBits(f"{path.kind}:learned_bank", path.bank, "learned bank",
+                                      path.learned.numel(), wb or 32))
+            if wb:
+                tensors.append(TensorBits(f"{path.kind}:learned_bank_scale", path.bank, "scale", 1, 32))
     return Account(tensors, fp32)
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from .bank import fit_bank
 from .blocking import BUDGET_BYTES
 from .entry import Entry, LayerCode, PathEntry
 from .errors import UserError
+from .grids import grid_quantize
 from .layers import bank_vectors, plan_layers, put_vectors, reconstruct, target_vectors
 from .quant import quantize_alpha_beta, quantize_layers
-from .search import centre, search
+from .search import centre, match_l2, search
 from .settings import Settings, index_bits
 
 
@@ -67,27 +69,35 @@ def compress(model: nn.Module, settings: Settings | str, *, arch: str | None = N
     sd = {k: v.detach().clone() for k, v in orig.items()}
     covered = [n for p in plans.values() if p for n in (p.bank, *p.targets)]
     wscales = quantize_layers(sd, covered, s.qb) if spec.quant_weights else {}
-    entry = Entry(spec.name, s.weight_bits, s.alpha_bits, s.beta_bits, s.eps, s.fc)
+    entry = Entry(spec.name, s.weight_bits, s.alpha_bits, s.beta_bits, s.eps, s.fc, grid=s.grid)
     rows = []
     for kind, plan in plans.items():
         if plan is None:
             continue
-        B = bank_vectors(sd[f"{plan.bank}.weight"], kind, plan.bind, plan.transforms)
         parts = [target_vectors(sd[f"{t}.weight"], kind, plan.bind) for t in plan.targets]
-        res = search(B, torch.cat(parts), beta=spec.beta, eps_mode=spec.eps_mode, device=device,
-                     budget_bytes=budget_bytes)
-        path = PathEntry(kind, plan.bank, plan.bind, plan.transforms, B.shape[1], B.shape[0],
-                         wscales.get(plan.bank))
-        rows.append({"layer": plan.bank, "path": f"{kind} bank", "targets": None, "bank": B.shape[0],
-                     "index_bits": None, "mean_residual": None,
+        W = torch.cat(parts)
+        path = PathEntry(kind, plan.bank, plan.bind, plan.transforms, W.shape[1], 0, wscales.get(plan.bank))
+        if s.learned:
+            path.learned, path.learned_scale = learned_bank(W, s, spec.beta)
+            B = path.bank_vectors(sd)
+            k = match_l2(B, W, beta=spec.beta)
+            alpha, beta = fit_fixed_k(B[k], W, spec.beta)
+        else:
+            B = bank_vectors(sd[f"{plan.bank}.weight"], kind, plan.bind, plan.transforms)
+            res = search(B, W, beta=spec.beta, eps_mode=spec.eps_mode, device=device,
+                         budget_bytes=budget_bytes)
+            k, alpha, beta = res.k, res.alpha, res.beta
+        path.bank_size = B.shape[0]
+        rows.append({"layer": plan.bank, "path": f"{kind} bank" + (" layer" if s.learned else ""),
+                     "targets": None, "bank": B.shape[0], "index_bits": None, "mean_residual": None,
                      "rel_error": rel_error(sd[f"{plan.bank}.weight"], orig[f"{plan.bank}.weight"])})
         start = 0
         for t, p in zip(plan.targets, parts):
             sl = slice(start, start + p.shape[0])
             start += p.shape[0]
-            beta = res.beta[sl].clone() if spec.beta else None
-            alpha, sa, beta, sb = quantize_alpha_beta(res.alpha[sl].clone(), beta, s.alpha_bits, s.beta_bits)
-            code = LayerCode(res.k[sl].clone(), alpha, beta, sa, sb, wscales.get(t))
+            b = beta[sl].clone() if spec.beta else None
+            code = quantize_code(B, p, k[sl].clone(), alpha[sl].clone(), b, s.grid, s.alpha_bits, s.beta_bits,
+                                 wscales.get(t))
             vec = reconstruct(B, code.k, code.alpha, code.beta)
             sd[f"{t}.weight"] = put_vectors(sd[f"{t}.weight"], vec, kind, plan.bind)
             path.layers[t] = code
@@ -98,6 +108,39 @@ def compress(model: nn.Module, settings: Settings | str, *, arch: str | None = N
                          "rel_error": rel_error(sd[f"{t}.weight"], w)})
         setattr(entry, kind, path)
     return Compressed(sd, entry, rows)
+
+
+def learned_bank(W: torch.Tensor, s: Settings, centred: bool) -> tuple[torch.Tensor, float | None]:
+    """(rows, scale) of a learned bank for the target vectors ``W`` (``mess.bank.fit_bank``), on the
+    grid of ``s.grid`` at the weight bits (float32 in v2)."""
+    rows = fit_bank(W, s.bank_size, centred=centred)
+    if s.weight_bits is None:
+        return rows.contiguous(), None
+    q, scale = grid_quantize(rows, s.weight_bits, s.grid)
+    return q.contiguous(), scale
+
+
+def quantize_code(B: torch.Tensor, W: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor,
+                  beta: torch.Tensor | None, grid: str, alpha_bits: int | None, beta_bits: int | None,
+                  weight_scale: float | None = None) -> LayerCode:
+    """One layer's code with alpha and beta on their grids (docs/design.md §3).
+
+    minmax: the original's, each quantized on its own. mse: alpha on the grid that minimises its
+    error in weight space (each alpha weighted by ``||c_r||^2`` of its row), then beta refitted to the
+    quantized alpha (``mean(w) - alpha' mean(r)``, the least-squares offset once alpha is fixed)
+    before it is quantized in turn."""
+    if grid == "minmax" or alpha_bits is None:
+        alpha, sa, beta, sb = quantize_alpha_beta(alpha, beta, alpha_bits, beta_bits)
+        return LayerCode(k, alpha, beta, sa, sb, weight_scale)
+    R = B[k].float()
+    c_r, m_r = centre(R) if beta is not None else (R, None)
+    alpha, sa = grid_quantize(alpha, alpha_bits, grid, weight=(c_r * c_r).sum(1))
+    sb = None
+    if beta is not None:
+        beta = W.float().mean(1) - alpha * m_r
+        if beta_bits is not None:
+            beta, sb = grid_quantize(beta, beta_bits, grid)
+    return LayerCode(k, alpha, beta, sa, sb, weight_scale)
 
 
 def rel_error(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -131,13 +174,15 @@ def refit_fixed_k(state_dict: dict, entry: Entry) -> tuple[dict, Entry]:
     for p in entry.paths():
         B = p.bank_vectors(sd)
         new = PathEntry(p.kind, p.bank, p.bind, p.transforms, p.vector_length, p.bank_size,
-                        wscales.get(p.bank))
+                        wscales.get(p.bank), learned=p.learned, learned_scale=p.learned_scale)
         for t, old in p.layers.items():
             k = old.k.clone()
             W = target_vectors(sd[f"{t}.weight"], p.kind, p.bind)
             alpha, beta = fit_fixed_k(B[k], W, entry.spec.beta)
-            alpha, sa, beta, sb = quantize_alpha_beta(alpha, beta, entry.alpha_bits, entry.beta_bits)
-            sd[f"{t}.weight"] = put_vectors(sd[f"{t}.weight"], reconstruct(B, k, alpha, beta), p.kind, p.bind)
-            new.layers[t] = LayerCode(k, alpha, beta, sa, sb, wscales.get(t))
+            code = quantize_code(B, W, k, alpha, beta, entry.grid, entry.alpha_bits, entry.beta_bits,
+                                 wscales.get(t))
+            vec = reconstruct(B, k, code.alpha, code.beta)
+            sd[f"{t}.weight"] = put_vectors(sd[f"{t}.weight"], vec, p.kind, p.bind)
+            new.layers[t] = code
         setattr(out, p.kind, new)
     return sd, out

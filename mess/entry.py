@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .errors import UserError
-from .layers import bank_vectors, put_vectors, reconstruct, target_vectors
+from .layers import bank_vectors, dihedral, put_vectors, reconstruct, target_vectors
 from .quant import on_grid
-from .settings import VERSION_SPECS, Version, check_bits, index_bits
+from .settings import GRIDS, VERSION_SPECS, Version, check_bits, index_bits
 
 KINDS = ("kernel", "pointwise")
 _ENTRY_KEYS = ("version", "weight_bits", "alpha_bits", "beta_bits", "eps", "fc")
@@ -75,6 +75,8 @@ class PathEntry:
     bank_size: int
     bank_scale: float | None = None  # the bank weight's grid when quantized
     layers: dict[str, LayerCode] = field(default_factory=dict)
+    learned: torch.Tensor | None = None  # float32 (rows, vector_length): a learned bank (--bank learned)
+    learned_scale: float | None = None  # its grid at weight_bits; the bank layer keeps bank_scale
 
     @property
     def index_bits(self) -> int:
@@ -84,7 +86,9 @@ class PathEntry:
         return {"bank": self.bank, "kind": self.kind, "bind": self.bind, "transforms": self.transforms,
                 "vector_length": self.vector_length, "bank_size": self.bank_size,
                 "index_bits": self.index_bits, "bank_scale": self.bank_scale,
-                "layers": {t: code.to_dict() for t, code in self.layers.items()}}
+                "layers": {t: code.to_dict() for t, code in self.layers.items()},
+                **({"learned": self.learned, "learned_scale": self.learned_scale}
+                   if self.learned is not None else {})}
 
     @classmethod
     def from_dict(cls, d, kind: str) -> PathEntry:
@@ -102,9 +106,23 @@ class PathEntry:
         if scale is not None and not isinstance(scale, (int, float)):
             raise UserError(f"the {kind} path's bank scale is not a number")
         layers = {t: LayerCode.from_dict(e, f"{kind} target {t}") for t, e in d["layers"].items()}
-        return cls(kind, d["bank"], **ints, bank_scale=None if scale is None else float(scale), layers=layers)
+        learned, lscale = d.get("learned"), d.get("learned_scale")
+        if learned is not None:
+            rows = ints["bank_size"] // ints["transforms"]
+            if not (isinstance(learned, torch.Tensor) and learned.dtype == torch.float32
+                    and tuple(learned.shape) == (rows, ints["vector_length"])
+                    and rows * ints["transforms"] == ints["bank_size"]):
+                raise UserError(f"the {kind} path's learned bank must be a float32 tensor of shape "
+                                f"{(rows, ints['vector_length'])}")
+            if lscale is not None and not isinstance(lscale, (int, float)):
+                raise UserError(f"the {kind} path's learned bank scale is not a number")
+        return cls(kind, d["bank"], **ints, bank_scale=None if scale is None else float(scale), layers=layers,
+                   learned=learned, learned_scale=None if lscale is None else float(lscale))
 
     def bank_vectors(self, state_dict: dict) -> torch.Tensor:
+        """The bank rows: the learned bank's (with v3's transforms), else the bank layer's vectors."""
+        if self.learned is not None:
+            return dihedral(self.learned) if self.transforms == 8 else self.learned
         return bank_vectors(state_dict[f"{self.bank}.weight"], self.kind, self.bind, self.transforms)
 
 
@@ -120,6 +138,7 @@ class Entry:
     kernel: PathEntry | None = None
     pointwise: PathEntry | None = None
     args: dict | None = None  # the flags of the command that made it; None: not recorded
+    grid: str = "minmax"  # alpha/beta/learned-bank grid (mess.grids); entries without one used minmax
 
     @property
     def spec(self) -> Version:
@@ -147,6 +166,7 @@ class Entry:
         d["pointwise"] = self.pointwise.to_dict() if self.pointwise else None
         if self.args is not None:
             d["args"] = dict(self.args)
+        d["grid"] = self.grid
         return d
 
     @classmethod
@@ -175,10 +195,13 @@ class Entry:
         args = d.get("args")
         if args is not None and not isinstance(args, dict):
             raise UserError("the MESS entry's args are not a dict")
+        grid = d.get("grid", "minmax")
+        if grid not in GRIDS:
+            raise UserError(f"the MESS entry's grid is not one of {', '.join(GRIDS)}: {grid!r:.40}")
         paths = {kind: None if d.get(kind) is None else PathEntry.from_dict(d[kind], kind) for kind in KINDS}
         if paths["kernel"] is None and paths["pointwise"] is None:
             raise UserError("a MESS entry without any path")
-        return cls(spec.name, **bits, eps=eps, fc=bool(d.get("fc", False)), **paths, args=args)
+        return cls(spec.name, **bits, eps=eps, fc=bool(d.get("fc", False)), **paths, args=args, grid=grid)
 
     # ---- against a state_dict
     def reconstruct(self, state_dict: dict) -> dict:
@@ -201,6 +224,8 @@ class Entry:
                 raise NotRepresentable(f"bank {p.bank} has no weight in the state_dict")
             if self.weight_bits:
                 _grid(state_dict[key], p.bank_scale, self.weight_bits, f"bank {p.bank}")
+                if p.learned is not None:
+                    _grid(p.learned, p.learned_scale, self.weight_bits, f"learned bank of the {p.kind} path")
             B = p.bank_vectors(state_dict)
             if tuple(B.shape) != (p.bank_size, p.vector_length):
                 raise NotRepresentable(f"bank {p.bank}: {tuple(B.shape)} vectors, entry says "

@@ -40,6 +40,10 @@ def compressed_name(stem: str, s: Settings, *, pointwise_ran: bool | None = None
     if s.fc:
         name += f"_pwd{s.pw_bind_size}" if not s.pointwise and ran and s.pw_bind_size != 8 else ""
         name += "_fc"
+    if s.learned:
+        name += f"_L{s.bank_size}"
+    if s.grid != "mse" and spec.quant_ab:
+        name += f"_{s.grid}"
     return name + SUFFIX
 
 
@@ -133,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(flag, dest=dest, type=int, default=default)
     c.add_argument("--np", action="store_true")
     c.add_argument("--fc", action="store_true")
+    c.add_argument("--bank", default="layer")
+    c.add_argument("--bank-size", dest="bank_size", type=int, default=256)
+    c.add_argument("--grid", default="mse")
     q = sub.add_parser("quantized", help="quantize.py's output for STEM")
     q.add_argument("stem")
     q.add_argument("--qb", type=int, default=8)
@@ -148,7 +155,8 @@ def main(argv=None) -> str:
     a = _parser().parse_args(argv)
     if a.what == "compressed":
         s = Settings(a.version, qb=a.qb, qba=a.qba, qbb=a.qbb, bind_size=a.bind_size,
-                     pw_bind_size=a.pw_bind_size, pointwise=not a.np, fc=a.fc)
+                     pw_bind_size=a.pw_bind_size, pointwise=not a.np, fc=a.fc, bank=a.bank,
+                     bank_size=a.bank_size, grid=a.grid)
         out = compressed_name(a.stem, s)
     elif a.what == "quantized":
         out = quantized_name(a.stem, a.qb)

@@ -27,6 +27,13 @@ ARCH_KEYS = {"arch": str, "layers": int, "width_mult": (int, float), "bn": bool,
              "num_classes": int}  # docs/design.md §4
 
 
+LEARNED_PREFIX = "mess:learned:"  # the tensor entry of a path's learned bank (never a state_dict key)
+
+
+def learned_key(kind: str) -> str:
+    return f"{LEARNED_PREFIX}{kind}"
+
+
 def fail(name, why: str):
     raise UserError(f"cannot read {name}: {why}")
 

@@ -24,12 +24,13 @@ import torch
 from .bits import read_bits
 from .entry import Entry, LayerCode, PathEntry
 from .errors import UserError
-from .layers import bank_vectors, put_vectors, reconstruct
+from .layers import put_vectors, reconstruct
 from .packed_format import (
     ARCH_KEYS,
     FORMAT,
     FORMAT_VERSION,
     INFO_KEYS,
+    LEARNED_PREFIX,
     MAX_EXPANSION,
     MAX_HEADER,
     MAX_NDIM,
@@ -37,10 +38,11 @@ from .packed_format import (
     PathInfo,
     bank_of,
     fail,
+    learned_key,
     parts,
     vectors_of,
 )
-from .settings import MAX_BITS, MIN_BITS, VERSION_SPECS, Version
+from .settings import GRIDS, MAX_BITS, MIN_BITS, VERSION_SPECS, Version
 
 
 # ---------------------------------------------------------------- plain-value checks
@@ -169,6 +171,8 @@ def _check_entry(mess, name) -> Version:
         fail(name, "bad eps or fc entry")
     if not isinstance(mess.get("args"), dict):
         fail(name, "bad args entry")
+    if mess.get("grid", "minmax") not in GRIDS:
+        fail(name, "bad grid entry")
     if not (mess.get("kernel") or mess.get("pointwise")):
         fail(name, "a MESS entry without any path")
     return spec
@@ -211,6 +215,19 @@ def _check_path(kind: str, p, mess: dict, spec: Version, meta: dict, shapes: dic
     if entry is None or (entry[2], entry[3] if len(entry) == 4 else None) != want:
         fail(name, f"the {kind} bank {bank} is missing or not stored as the version says")
     sizes = bank_of(shapes[f"{bank}.weight"], kind, bind, transforms)
+    learned = p.get("learned")
+    if learned is not None:
+        if not (isinstance(learned, list) and len(learned) == 2):
+            fail(name, f"bad learned bank of the {kind} path")
+        rows = _int(learned[0], name, f"{kind} learned bank rows", 1, 2**16)
+        width = _int(learned[1], name, f"{kind} learned bank width", 1, 2**20)
+        if width != (sizes[1] if sizes else (9 * bind if kind == "kernel" else bind)):
+            fail(name, f"the {kind} path's learned bank rows are {width} long, its vectors are not")
+        lk = learned_key(kind)
+        t = next((t for t in meta["tensors"] if t[0] == lk), None)
+        if t is None or t[1] != [rows, width] or (t[2], t[3] if len(t) == 4 else None) != want:
+            fail(name, f"the {kind} path's learned bank is missing or not stored as the version says")
+        sizes = (rows * transforms, width)
     if sizes is None:
         fail(name, f"the {kind} bank {bank} of shape {shapes[f'{bank}.weight']} holds no whole "
                    f"vector of bind size {bind}")
@@ -227,6 +244,9 @@ def _check_item(t: list, paths: dict, quant, name) -> PathInfo | None:
     key, shape, enc = t[0], t[1], t[2]
     extra = t[3] if len(t) == 4 else None
     banks = {f"{p.bank}.weight" for p in paths.values()}
+    banks |= {learned_key(k) for k in paths}
+    if key.startswith(LEARNED_PREFIX) and key not in banks:
+        fail(name, f"{key}: a learned bank of no path")
     if enc == "i64":
         if not isinstance(extra, list) or len(extra) != math.prod(shape) or any(
                 type(x) is not int or not -2**63 <= x < 2**63 for x in extra):
@@ -373,6 +393,7 @@ def _decode(read, size: int, name) -> dict:
     for key, shape, enc, extra, path, placed in plan.items:
         if enc == "f32":
             sd[key] = s.values(placed, "values").clone().reshape(shape)
+            scales[key] = None
         elif enc == "i64":
             sd[key] = torch.tensor(extra, dtype=torch.int64).reshape(shape)
         elif enc == "q":
@@ -387,18 +408,23 @@ def _decode(read, size: int, name) -> dict:
     if plan.mess is not None:
         m = plan.mess
         entry = Entry(m["version"], m.get("weight_bits"), m.get("alpha_bits"), m.get("beta_bits"),
-                      m.get("eps"), m.get("fc"), args=m["args"])
+                      m.get("eps"), m.get("fc"), args=m["args"], grid=m.get("grid", "minmax"))
         banks = {}
         for kind, p in plan.paths.items():
-            setattr(entry, kind, PathEntry(kind, p.bank, p.bind, p.transforms, p.vector_length, p.bank_size,
-                                           scales.get(f"{p.bank}.weight")))
-            banks[kind] = bank_vectors(sd[f"{p.bank}.weight"], kind, p.bind, p.transforms)
+            path = PathEntry(kind, p.bank, p.bind, p.transforms, p.vector_length, p.bank_size,
+                             scales.get(f"{p.bank}.weight"))
+            lk = learned_key(kind)
+            if lk in sd:
+                path.learned, path.learned_scale = sd.pop(lk), scales.pop(lk)
+            setattr(entry, kind, path)
+            banks[kind] = path.bank_vectors(sd)
         for key, shape, p, placed in targets:
             sd[key], code = _decode_target(key, shape, p, placed, banks[p.kind], m, s)
             getattr(entry, p.kind).layers[key[:-len(".weight")]] = code
         ckpt["mess"] = entry.to_dict()
     if plan.meta.get("quant") is not None:
         q = plan.meta["quant"]
-        ckpt["quant"] = {"bits": q["bits"], "scales": {k[:-len(".weight")]: v for k, v in scales.items()}}
+        ckpt["quant"] = {"bits": q["bits"], "scales": {k[:-len(".weight")]: v for k, v in scales.items()
+                                                        if v is not None}}
     ckpt["packed"] = {"bytes": size, "header_bytes": start, "floats": plan.n_floats, "code_bits": plan.n_bits}
     return ckpt

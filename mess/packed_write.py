@@ -17,7 +17,16 @@ from .bits import BitWriter
 from .checkpoint import atomic_write
 from .entry import Entry, LayerCode
 from .errors import UserError
-from .packed_format import ARCH_KEYS, FORMAT, FORMAT_VERSION, INFO_KEYS, PathInfo, bank_of, vectors_of
+from .packed_format import (
+    ARCH_KEYS,
+    FORMAT,
+    FORMAT_VERSION,
+    INFO_KEYS,
+    PathInfo,
+    bank_of,
+    learned_key,
+    vectors_of,
+)
 from .packed_read import unpack
 
 
@@ -56,7 +65,7 @@ def _plain(v):
 def _entry_meta(entry: Entry, sd: dict, how: dict) -> dict:
     """The metadata of a MESS entry; fills ``how`` with the encoding of its bank and target weights."""
     m = {"version": entry.version, "weight_bits": entry.weight_bits, "alpha_bits": entry.alpha_bits,
-         "beta_bits": entry.beta_bits, "eps": entry.eps, "fc": entry.fc,
+         "beta_bits": entry.beta_bits, "eps": entry.eps, "fc": entry.fc, "grid": entry.grid,
          "args": {k: _plain(v) for k, v in (entry.args or {}).items() if isinstance(k, str)},
          "kernel": None, "pointwise": None}
     for p in entry.paths():
@@ -64,6 +73,8 @@ def _entry_meta(entry: Entry, sd: dict, how: dict) -> dict:
         if key not in sd:
             raise UserError(f"cannot pack: the {p.kind} bank {p.bank} has no weight in the state_dict")
         sizes = bank_of(list(sd[key].shape), p.kind, p.bind, p.transforms)
+        if p.learned is not None:
+            sizes = (p.learned.shape[0] * p.transforms, p.learned.shape[1])
         if sizes is None:
             raise UserError(f"cannot pack: the {p.kind} bank {p.bank} holds no whole vector")
         info = PathInfo(p.kind, p.bank, p.bind, p.transforms, sizes[1], sizes[0])
@@ -72,6 +83,10 @@ def _entry_meta(entry: Entry, sd: dict, how: dict) -> dict:
                      "index_bits": info.index_bits}
         wb = entry.weight_bits
         how[key] = ("q", wb, p.bank_scale, None, None) if wb else ("f32", None, None, None, None)
+        if p.learned is not None:
+            m[p.kind]["learned"] = list(p.learned.shape)
+            how[learned_key(p.kind)] = ("q", wb, p.learned_scale, None, None) if wb else (
+                "f32", None, None, None, None)
         for t, code in p.layers.items():
             if f"{t}.weight" not in sd or (code.beta is not None) != entry.spec.beta:
                 raise UserError(f"cannot pack: target {t} of the {p.kind} path does not match the "
@@ -112,7 +127,8 @@ def pack(ckpt: dict) -> bytes:
         raise UserError("cannot pack: the checkpoint has no 'model' state_dict")
     meta, how, entry = _meta_of(ckpt)
     floats, codes, tensors = [], BitWriter(), []
-    for key, v in sd.items():
+    extra = {learned_key(p.kind): p.learned for p in entry.paths() if p.learned is not None} if entry else {}
+    for key, v in {**sd, **extra}.items():
         if not isinstance(v, torch.Tensor):
             raise UserError(f"cannot pack {key}: not a tensor")
         v = v.detach().cpu()

@@ -21,7 +21,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize as tp
 
 from .entry import Entry, LayerCode, PathEntry
-from .layers import bank_vectors, put_vectors, reconstruct, target_vectors
+from .grids import grid_quantize, on_scale, ste_fixed
+from .layers import bank_vectors, dihedral, put_vectors, reconstruct, target_vectors
 from .quant import QuantSTE, latent_init, linear_quantize, ste_quantize
 
 PCC_EPS = 1e-12  # keeps pcc^2 of a zero-variance vector at 0 instead of 0/0
@@ -37,11 +38,16 @@ class MessWeight(nn.Module):
     """
 
     def __init__(self, bank: nn.Module, path: PathEntry, code: LayerCode, alpha_bits: int | None,
-                 beta_bits: int | None, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None):
+                 beta_bits: int | None, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+                 grid: str = "minmax"):
         super().__init__()
         self.bank = bank
         self.kind, self.bind, self.transforms = path.kind, path.bind, path.transforms
         self.alpha_bits, self.beta_bits = alpha_bits, beta_bits
+        self.learned = isinstance(bank, LearnedBank)
+        # the mse grid trains on the scales it was compressed with (fixed-scale STE); minmax recomputes them
+        self.fixed = grid != "minmax"
+        self.alpha_scale, self.beta_scale = code.alpha_scale, code.beta_scale
         self.register_buffer("k", code.k.detach().clone())
         self.alpha = nn.Parameter(code.alpha.detach().clone() if alpha is None else alpha)
         if code.beta is not None:
@@ -50,17 +56,40 @@ class MessWeight(nn.Module):
             self.register_parameter("beta", None)
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.fixed:
+            a = ste_fixed(self.alpha, self.alpha_scale, self.alpha_bits)
+            b = None if self.beta is None else ste_fixed(self.beta, self.beta_scale, self.beta_bits)
+            return a, b
         a = ste_quantize(self.alpha, self.alpha_bits)
         b = None if self.beta is None else ste_quantize(self.beta, self.beta_bits)
         return a, b
 
     def vectors(self) -> torch.Tensor:
         a, b = self.quantized()
-        B = bank_vectors(self.bank.weight, self.kind, self.bind, self.transforms)
+        if self.learned:
+            B = self.bank.rows()
+        else:
+            B = bank_vectors(self.bank.weight, self.kind, self.bind, self.transforms)
         return reconstruct(B, self.k, a, b)  # the one expression every tool uses: saved == reconstructed
 
     def forward(self, X):
         return put_vectors(X, self.vectors(), self.kind, self.bind)
+
+
+class LearnedBank(nn.Module):
+    """A learned bank while retraining: its rows trainable, on their fixed grid straight through."""
+
+    def __init__(self, path: PathEntry, bits: int | None):
+        super().__init__()
+        self.weight = nn.Parameter(path.learned.detach().clone())
+        self.scale, self.bits, self.transforms = path.learned_scale, bits, path.transforms
+
+    def quantized(self) -> torch.Tensor:
+        return ste_fixed(self.weight, self.scale, self.bits)
+
+    def rows(self) -> torch.Tensor:
+        q = self.quantized()
+        return dihedral(q) if self.transforms == 8 else q
 
 
 def _has_remainder(weight: torch.Tensor, kind: str, bind: int) -> bool:
@@ -74,17 +103,21 @@ def parametrize(model: nn.Module, entry: Entry | dict) -> list[str]:
     entry = Entry.from_dict(entry)
     wb, ab, bb = entry.weight_bits, entry.alpha_bits, entry.beta_bits
     targets = []
+    fixed = entry.grid != "minmax"
     for path in entry.paths():
         bank = model.get_submodule(path.bank)
         if wb:
             with torch.no_grad():
                 bank.weight.copy_(latent_init(bank.weight, path.bank_scale, wb))
             tp.register_parametrization(bank, "weight", QuantSTE(wb))
+        if path.learned is not None:
+            bank = LearnedBank(path, wb).to(bank.weight.device)
         for t, code in path.layers.items():
             conv = model.get_submodule(t)
-            alpha = latent_init(code.alpha, code.alpha_scale, ab)
-            beta = latent_init(code.beta, code.beta_scale, bb) if code.beta is not None else None
-            mw = MessWeight(bank, path, code, ab, bb, alpha, beta)
+            alpha = code.alpha.clone() if fixed else latent_init(code.alpha, code.alpha_scale, ab)
+            beta = None if code.beta is None else (
+                code.beta.clone() if fixed else latent_init(code.beta, code.beta_scale, bb))
+            mw = MessWeight(bank, path, code, ab, bb, alpha, beta, entry.grid)
             has_rest = _has_remainder(conv.weight, path.kind, path.bind)
             tp.register_parametrization(conv, "weight", mw)
             # the kernel path replaces X entirely: a frozen X keeps DDP from waiting for its gradient
@@ -152,9 +185,16 @@ def export_entry(model: nn.Module, entry: Entry | None = None) -> Entry:
                         linear_quantize(latent(bank), wb)[1] if wb else None)
         for t in path.layers:
             mw = model.get_submodule(t).parametrizations.weight[0]
-            alpha, sa = _quant_or_float(mw.alpha, ab)
-            beta, sb = (None, None) if mw.beta is None else _quant_or_float(mw.beta, bb)
+            if mw.fixed:
+                alpha, sa = _fixed_or_float(mw.alpha, mw.alpha_scale, ab)
+                beta, sb = (None, None) if mw.beta is None else _fixed_or_float(mw.beta, mw.beta_scale, bb)
+            else:
+                alpha, sa = _quant_or_float(mw.alpha, ab)
+                beta, sb = (None, None) if mw.beta is None else _quant_or_float(mw.beta, bb)
             new.layers[t] = LayerCode(mw.k.detach().cpu().clone(), alpha, beta, sa, sb, None)
+            if mw.learned:
+                new.learned = mw.bank.quantized().detach().cpu().clone()
+                new.learned_scale = mw.bank.scale
         setattr(out, path.kind, new)
     return out
 
@@ -162,6 +202,16 @@ def export_entry(model: nn.Module, entry: Entry | None = None) -> Entry:
 def _quant_or_float(x: torch.Tensor, bits: int | None):
     if bits:
         q, s = linear_quantize(x, bits)
+        return q.cpu(), s
+    return x.detach().cpu().clone(), None
+
+
+def _fixed_or_float(x: torch.Tensor, scale: float | None, bits: int | None):
+    """What ``ste_fixed`` gives in the forward pass; a constant (scale 0) is re-gridded as compress does."""
+    if bits and scale:
+        return on_scale(x.detach(), scale, bits).cpu(), scale
+    if bits:
+        q, s = grid_quantize(x, bits, "mse")
         return q.cpu(), s
     return x.detach().cpu().clone(), None
 

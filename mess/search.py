@@ -145,6 +145,23 @@ def search(bank: torch.Tensor, targets: torch.Tensor, *, beta: bool = True, eps_
         return SearchResult(k_out.cpu(), a_out.cpu(), b_out[0].cpu() if beta else None, r_out.cpu())
 
 
+def match_l2(bank: torch.Tensor, targets: torch.Tensor, *, beta: bool = True,
+             block: int = 65536) -> torch.Tensor:
+    """k of every target by the least *squared* residual of its affine fit: with centred rows c_r and
+    targets c_w that residual is ``||c_w||^2 - <c_w, c_r>^2 / ||c_r||^2``, so k maximises
+    ``<c_w, c_r / ||c_r||>^2``, one matrix product per block (ties: smallest index). A learned bank
+    is fitted to this error (``mess.bank``), so it is the search that matches it."""
+    R, T = bank.detach().float(), targets.detach().float()
+    c_r = centre(R)[0] if beta else R
+    c_w = centre(T)[0] if beta else T
+    norm = c_r.norm(dim=1, keepdim=True)
+    hat = torch.where(norm > 0, c_r / norm.clamp_min(1e-30), torch.zeros_like(c_r))
+    out = []
+    for i in range(0, c_w.shape[0], block):
+        out.append((c_w[i:i + block] @ hat.T).square_().argmax(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
 def _plain_search(c_w: torch.Tensor, c_r_mat: torch.Tensor, div: torch.Tensor, eps_mode: str | None,
                   budget_bytes: int, residual_fn: Callable,
                   workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

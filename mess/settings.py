@@ -13,6 +13,9 @@ from .errors import UserError
 
 EPS = 1e-8  # the original's epsilon for the eps variants (its file names carry "_eps1e-08")
 MIN_BITS, MAX_BITS = 2, 16
+BANKS = ("layer", "learned")
+GRIDS = ("mse", "minmax")  # mess.grids
+MAX_BANK = 2**16
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,19 @@ class Settings:
     pw_bind_size: int = 8  # -pwd: the pointwise path's vector length
     pointwise: bool = True  # False: --np, no pointwise path
     fc: bool = False  # --fc: fully connected layers join the pointwise path
+    bank: str = "layer"  # --bank: "layer" (the bank layer's own vectors, the original) | "learned"
+    bank_size: int = 256  # --bank-size: rows of a learned bank (before v3's 8 transforms)
+    grid: str = "mse"  # --grid: alpha/beta (and learned bank) grid, "mse" | "minmax" (the original's)
 
     def __post_init__(self):
         get_version(self.version)
+        if self.bank not in BANKS:
+            raise UserError(f"--bank must be one of {', '.join(BANKS)}, got {self.bank!r}")
+        if self.grid not in GRIDS:
+            raise UserError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if isinstance(self.bank_size, bool) or not isinstance(self.bank_size, int) or not (
+                1 <= self.bank_size <= MAX_BANK):
+            raise UserError(f"--bank-size must be between 1 and {MAX_BANK}, got {self.bank_size}")
         for bits, flag in ((self.qb, "--qb"), (self.qba, "--qba"), (self.qbb, "--qbb")):
             check_bits(bits, flag)
         for n, flag in ((self.bind_size, "-d/--bind-size"), (self.pw_bind_size, "-pwd/--pw-bind-size")):
@@ -108,6 +121,10 @@ class Settings:
         return self.qbb if self.spec.quant_ab and self.spec.beta else None
 
     @property
+    def learned(self) -> bool:
+        return self.bank == "learned"
+
+    @property
     def eps(self) -> float | None:
         return EPS if self.spec.eps_mode else None
 
@@ -118,7 +135,9 @@ class Settings:
     def from_args(cls, args, version: str | None = None) -> Settings:
         """The settings of a CLI's parsed flags (``-v``, ``--qb`` ... ``--np``, ``--fc``)."""
         return cls(version or args.version, qb=args.qb, qba=args.qba, qbb=args.qbb, bind_size=args.bind_size,
-                   pw_bind_size=args.pw_bind_size, pointwise=not args.np, fc=bool(getattr(args, "fc", False)))
+                   pw_bind_size=args.pw_bind_size, pointwise=not args.np, fc=bool(getattr(args, "fc", False)),
+                   bank=getattr(args, "bank", "layer"), bank_size=getattr(args, "bank_size", 256),
+                   grid=getattr(args, "grid", "mse"))
 
     @classmethod
     def from_entry(cls, entry, fallback: Settings) -> Settings:
@@ -127,7 +146,10 @@ class Settings:
         kw = {f.name: getattr(fallback, f.name) for f in fields(cls)}
         kw.update(version=entry.version, qb=entry.weight_bits or fallback.qb,
                   qba=entry.alpha_bits or fallback.qba, qbb=entry.beta_bits or fallback.qbb,
-                  pointwise=entry.pointwise is not None, fc=entry.fc)
+                  pointwise=entry.pointwise is not None, fc=entry.fc, grid=entry.grid)
+        learned = [p for p in entry.paths() if p.learned is not None]
+        if learned:
+            kw.update(bank="learned", bank_size=learned[0].learned.shape[0])
         if entry.kernel is not None and VERSION_SPECS[entry.version].bind:
             kw["bind_size"] = entry.kernel.bind
         if entry.pointwise is not None:

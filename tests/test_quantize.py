@@ -19,6 +19,7 @@ MOBILENET = ["cifar10", "-a", "mobilenet", "--width-mult", "0.25"]
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 def test_linear_quantize_matches_the_formula(bits):
+    torch.manual_seed(bits)  # repeatable whatever ran before
     x = torch.randn(500) * 0.3 + 0.05
     xq, scale = linear_quantize(x, bits)
     ref, ref_scale = loop_quantize(x, bits)
@@ -110,6 +111,7 @@ def test_quantize_refuses_a_mess_checkpoint(in_tmp, capsys):
     make_ckpt("mobilenet")
     fsk.main(fsk.get_args_parser().parse_args(
         ["cifar10", "-a", "mobilenet", "--width-mult", "0.25", "--ckpt", "ckpt_best.pth", "-v", "v2"]))
+    capsys.readouterr()  # its own notes (no CIFAR-10 images here for BatchNorm calibration)
     with pytest.raises(SystemExit) as e:
         run_cli_inprocess(quantize.main, quantize.get_args_parser(),
                           [*MOBILENET, "--ckpt", "ckpt_best_v2.pth"])
