@@ -218,7 +218,7 @@ def main(args):
     if analysis and not entry:
         raise UserError("--analysis draws covered vectors: give a MESS checkpoint (or .mess file), or -v "
                         "VERSION")
-    account = storage_account(sd, entry, quant=ckpt.get("quant"))
+    account = storage_account(sd, entry, quant=ckpt.get("quant"), palette=ckpt.get("palette"))
     rows = layer_rows(model, account)
     print_table(rows, account, title=name)
     print(summarize(ckpt))

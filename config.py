@@ -104,6 +104,13 @@ FLAGS = {
                   help="grid of alphas and betas (and of a learned bank): mse (symmetric, clipped where the "
                        "squared error is least; betas refitted to the quantized alphas) | minmax (the "
                        "original's max - min grid) (default: mse)"),
+    "method": _flag("--method", default="linear", choices=("linear", "kmeans", "vq"),
+                    help="quantize.py: linear (every conv on a --qb-bit grid, the original's baseline) | "
+                         "kmeans (a LUT of 2^qb float16 values fitted by k-means, see --granularity) | vq "
+                         "(per 3x3 layer a codebook of 2^qb float16 3x3 kernels) (default: linear)"),
+    "granularity": _flag("--granularity", default="tensor", choices=("tensor", "channel"),
+                         help="quantize.py --method kmeans: one LUT per layer (tensor) or per output channel "
+                              "(default: tensor)"),
     "bn_calib": _flag("--bn-calib", dest="bn_calib", default="correct",
                       choices=("correct", "reestimate", "off"),
                       help="after compressing, bring the BatchNorm running statistics up to date on "

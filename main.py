@@ -187,6 +187,8 @@ def describe_run(run, path) -> str:
     what = {"finetune": "plain fine-tuning", "quant": f"training on the {run.quant_bits}-bit grid (-Q, STE)",
             "mess": f"retraining in MESS {run.version} form (k fixed; alpha, beta, bank trained)",
             "free": f"the new method: free training, {run.version} search every {run.args.save_epoch} epochs",
+            "palette": "fine-tuning the palettes (indices fixed; each LUT entry gets its members' mean "
+                       "gradient)",
             "train": "training"}[run.mode]
     src = f" from {path.name}" if path is not None and run.args.retrain else ""
     return f"{what}{src} -> {run.file_names('N')[0]}"
@@ -269,7 +271,7 @@ def calibrate_start(args, run, ckpt, device) -> None:
     evaluation is not of stale statistics: re-estimated on augmented training images unless the
     checkpoint's were already calibrated (find_similar_kernel.py's default). -N corrects them after
     every projection (retrain.Retrainer._project); both follow --bn-calib and --bn-images."""
-    if args.bn_calib == "off" or run.mode not in ("mess", "quant", "free"):
+    if args.bn_calib == "off" or run.mode not in ("mess", "quant", "palette", "free"):
         return
     if args.bn_images < 1:
         raise UserError(f"--bn-images must be at least 1, got {args.bn_images} (--bn-calib off switches "
@@ -302,7 +304,7 @@ def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckp
     metrics = evaluate(net, val_loader, criterion, rt)
     line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
             f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
-    if "mess" in ckpt or "quant" in ckpt:
+    if "mess" in ckpt or "quant" in ckpt or "palette" in ckpt:
         line += "\n" + summarize(ckpt)
     console.print(line)
     if rt.dist.is_main:

@@ -36,6 +36,7 @@ from mess.bn import calibrate_bn
 from mess.compress import compress, refit_fixed_k
 from mess.entry import Entry
 from mess.layers import plan_layers
+from mess.palette import PaletteWeight, export_palette, parametrize_palette
 from mess.parametrize import (
     Covered,
     MessWeight,
@@ -58,7 +59,7 @@ BANK_LR_SCALE = 0.1  # bank rows' learning rate against the rest, in mess mode (
 
 @dataclass
 class RunSpec:
-    mode: str  # train | finetune | quant | mess | free
+    mode: str  # train | finetune | quant | palette | mess | free
     version: str | None
     prefix: str  # checkpoint names: <prefix>_epoch_N.pth, <prefix>_best.pth
     n_retrain: int = 0
@@ -100,6 +101,14 @@ def decide(args, ckpt: dict | None, path: Path | None) -> RunSpec:
 
     if args.retrain and not args.resume:
         entry = Entry.from_dict(ckpt["mess"]) if ckpt.get("mess") else None
+        if ckpt.get("palette"):
+            if args.version or args.quant or args.new:
+                raise UserError(f"{name} is a palettized checkpoint (quantize.py --method "
+                                f"{ckpt['palette'].get('method')}); it fine-tunes its palettes with -T "
+                                f"alone, without -v, -Q or -N")
+            n, prefix = names.retrain_prefix(path.stem, n_prior=int(ckpt.get("n_retrain", 0)),
+                                             suffix=_extras(args, False))
+            return RunSpec("palette", None, prefix, n, None)
         if entry:
             version = entry.version
             if args.version and args.version != version:
@@ -163,6 +172,7 @@ class Retrainer:
     shadow: nn.Module | None = None  # a plain CPU copy that searches run on
     quant_layers: list[str] = field(default_factory=list)
     quant_bits: int | None = None  # -Q: the grid's bits
+    palette: dict | None = None  # the palette entry (palette mode)
     bn_images: torch.Tensor | None = None  # -N: images the BatchNorms are corrected on after a projection
     bn_method: str = "correct"
 
@@ -193,6 +203,9 @@ class Retrainer:
             r.paths = r._covered_paths()
         if spec.mode == "mess":
             parametrize(model, r.entry)
+        elif spec.mode == "palette":
+            r.palette = (ckpt or {}).get("palette")
+            parametrize_palette(model, r.palette)
         elif spec.mode == "quant":
             r.quant_layers = conv_layers(model)
             q = (ckpt or {}).get("quant") if args.retrain or args.resume else None
@@ -231,6 +244,7 @@ class Retrainer:
         mode the banks train at ``BANK_LR_SCALE`` of the learning rate."""
         mws = [m for m in self.model.modules() if isinstance(m, MessWeight)]
         ab = [p for m in mws for p in (m.alpha, m.beta) if p is not None]
+        ab += [m.lut for m in self.model.modules() if isinstance(m, PaletteWeight)]  # values, not weights
         banks = list({id(p): p for m in mws for p in ([m.bank.weight] if m.learned else [latent(m.bank)])
                       }.values()) if self.mode == "mess" else []
         ids = {id(p) for p in ab + banks}
@@ -361,8 +375,10 @@ class Retrainer:
     def state(self) -> dict:
         """What a checkpoint holds besides epoch, optimizer, schedule, flags and RNG: the plain
         weights, the ``mess``/``quant`` entry, and under ``retrain`` what an exact resume needs."""
-        parametrized = self.mode in ("mess", "quant")
+        parametrized = self.mode in ("mess", "quant", "palette")
         out = {"model": plain_state_dict(self.model, self.keys) if parametrized else self.model.state_dict()}
+        if self.mode == "palette":
+            out["palette"] = export_palette(self.model)
         if self.mode == "mess":
             out["mess"] = export_entry(self.model, self.entry).to_dict()
         elif self.mode == "free":

@@ -171,7 +171,7 @@ def compress(method: Method, model) -> dict:
 
 def ratio(ckpt: dict) -> float:
     return storage_account(ckpt["model"], ckpt.get("mess"), quant=ckpt.get("quant"),
-                           **({"palette": ckpt["palette"]} if "palette" in ckpt else {})).ratio
+                           palette=ckpt.get("palette")).ratio
 
 
 # ---------------------------------------------------------------- fine-tuning

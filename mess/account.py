@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from .entry import Entry
+from .palette import Palette
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _layer_of(key: str) -> str:
 
 
 def storage_account(state_dict: dict, entry: Entry | dict | None = None,
-                    quant: dict | None = None) -> Account:
+                    quant: dict | None = None, palette: dict | None = None) -> Account:
     """Bits of every stored tensor (docs/design.md §5), in state_dict order.
 
     * a covered target weight: ``index_bits`` per vector (k), alpha and beta at their bits
@@ -66,7 +67,9 @@ def storage_account(state_dict: dict, entry: Entry | dict | None = None,
       bank (``--bank learned``) likewise, counted with its path's bank layer;
     * everything else that is a float tensor (BN parameters and running statistics, biases,
       FC, uncovered stems and convs): 32 bits per value. Integer buffers (BN's
-      ``num_batches_tracked``) are not weights and count on neither side.
+      ``num_batches_tracked``) are not weights and count on neither side;
+    * a palettized conv weight (``palette``, ``mess.palette``): its indices at the palette's bits and its
+      LUT (or codebook) values at 16 bits (float16).
 
     Scales used only during the search (the targets' pre-search ``weight_scale``) are not
     needed to decode and are not counted. The packed ``.mess`` format stores exactly these.
@@ -80,6 +83,7 @@ def storage_account(state_dict: dict, entry: Entry | dict | None = None,
             quantized[path.bank] = entry.weight_bits
     if quant:
         quantized.update({n: quant["bits"] for n in quant["scales"]})
+    pal = Palette.from_dict(palette) if palette else None
     tensors, fp32 = [], {}
     for key, v in state_dict.items():
         if not v.is_floating_point():
@@ -101,6 +105,10 @@ def storage_account(state_dict: dict, entry: Entry | dict | None = None,
             rest = v.numel() - n * path.vector_length
             if rest:
                 tensors.append(TensorBits(f"{key}:remainder", layer, "remainder", rest, 32))
+        elif is_weight and pal is not None and layer in pal.layers:
+            p = pal.layers[layer]  # indices at the palette's bits, LUT values at 16 (float16)
+            tensors.append(TensorBits(f"{key}:idx", layer, "palette index", p.idx.numel(), pal.bits))
+            tensors.append(TensorBits(f"{key}:lut", layer, "palette", p.lut.numel(), 16))
         elif is_weight and quantized.get(layer):
             tensors.append(TensorBits(key, layer, "quantized", v.numel(), quantized[layer]))
             tensors.append(TensorBits(f"{key}:scale", layer, "scale", 1, 32))
@@ -128,6 +136,13 @@ def summarize(ckpt: dict) -> str:
         parts += [("beta", m.beta_bits)] if m.spec.beta else []
         bits = ", ".join(f"{what} {b}-bit" if b else f"{what} float32" for what, b in parts)
         head = f"MESS {m.version}: {'; '.join(paths)}; {bits}"
+    elif "palette" in ckpt:
+        pal = Palette.from_dict(ckpt["palette"])
+        acc = storage_account(sd, palette=ckpt["palette"])
+        per = "output channel" if pal.granularity == "channel" else "layer"
+        what = (f"{2 ** pal.bits} 3x3 kernels per layer" if pal.method == "vq"
+                else f"{pal.bits}-bit k-means per {per}")
+        head = f"palette ({what}) of {len(pal.layers)} conv layers"
     elif "quant" in ckpt:
         acc = storage_account(sd, quant=ckpt["quant"])
         head = f"plain {ckpt['quant']['bits']}-bit quantization of {len(ckpt['quant']['scales'])} conv layers"

@@ -43,7 +43,7 @@ def canonical_sign(s: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_faiss(x: torch.Tensor, n: int, weight: torch.Tensor | None = None, *, iters: int = DEFAULT_ITERS,
-                 seed: int = 0, spherical: bool = True, max_points: int | None = None,
+                 seed: int = 0, spherical: bool = False, max_points: int | None = None,
                  init: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(centroids (n, L), faiss's final objective) of a weighted k-means by faiss."""
     import faiss

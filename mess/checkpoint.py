@@ -105,7 +105,7 @@ def with_weights(ckpt: dict, state_dict: dict, **extra) -> dict:
     """The checkpoint ``ckpt`` with new weights (and ``extra`` entries): optimizer and scheduler states
     of the old weights are dropped (they would resume training of weights that no longer exist), and
     so are the old ``mess`` / ``quant`` entries and a retraining run's resume state."""
-    stale = ("model", "optimizer", "scheduler", "mess", "quant", "retrain", "bn_calib")
+    stale = ("model", "optimizer", "scheduler", "mess", "quant", "palette", "retrain", "bn_calib")
     out = {k: v for k, v in ckpt.items() if k not in stale}
     out["model"] = state_dict
     out.update(extra)

@@ -274,6 +274,12 @@ def check_representable(ckpt: dict) -> None:
         except UserError as e:
             raise NotRepresentable(str(e)) from None
         entry.check(sd)
+    if ckpt.get("palette"):
+        from .palette import Palette, PaletteError
+        try:
+            Palette.from_dict(ckpt["palette"]).check(sd)
+        except (UserError, PaletteError) as e:
+            raise NotRepresentable(str(e)) from None
     quant = ckpt.get("quant")
     if quant:
         for name, scale in quant["scales"].items():

@@ -47,8 +47,13 @@ def compressed_name(stem: str, s: Settings, *, pointwise_ran: bool | None = None
     return name + SUFFIX
 
 
-def quantized_name(stem: str, bits: int) -> str:
-    """quantize.py's output: ``<stem>_q<bits>.pth``."""
+def quantized_name(stem: str, bits: int, method: str = "linear", granularity: str = "tensor") -> str:
+    """quantize.py's output: ``<stem>_q<bits>.pth`` (linear), ``<stem>_km<bits>[c].pth`` (k-means, ``c``
+    per output channel), ``<stem>_vq<bits>.pth`` (a codebook of 2^bits kernels per layer)."""
+    if method == "kmeans":
+        return f"{stem}_km{bits}{'c' if granularity == 'channel' else ''}{SUFFIX}"
+    if method == "vq":
+        return f"{stem}_vq{bits}{SUFFIX}"
     return f"{stem}_q{bits}{SUFFIX}"
 
 
@@ -143,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantized", help="quantize.py's output for STEM")
     q.add_argument("stem")
     q.add_argument("--qb", type=int, default=8)
+    q.add_argument("--method", default="linear")
+    q.add_argument("--granularity", default="tensor")
     r = sub.add_parser("retrained", help="the best checkpoint main.py -T writes for the checkpoint NAME")
     r.add_argument("name")
     r.add_argument("-Q", "--quant-bits", dest="quant_bits", type=int, default=None)
@@ -159,7 +166,7 @@ def main(argv=None) -> str:
                      bank_size=a.bank_size, grid=a.grid)
         out = compressed_name(a.stem, s)
     elif a.what == "quantized":
-        out = quantized_name(a.stem, a.qb)
+        out = quantized_name(a.stem, a.qb, a.method, a.granularity)
     else:
         stem = a.name[:-len(SUFFIX)] if a.name.endswith(SUFFIX) else a.name
         suffix = extras(save_epoch=a.save_epoch if a.new else None)

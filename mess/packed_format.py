@@ -83,6 +83,12 @@ def parts(enc: str, shape, bits, path: PathInfo | None, mess: dict | None):
     numel = math.prod(shape)
     if enc == "f32":
         return [("values", "f", numel, 32)]
+    if enc == "pal":  # mess is the palette's metadata here: {"method", "bits", "granularity"}
+        k = 2 ** bits
+        if mess["method"] == "vq":
+            return [("lut", "b", 9 * k, 16), ("idx", "b", numel // 9, bits)]
+        luts = shape[0] if mess["granularity"] == "channel" else 1
+        return [("lut", "b", luts * k, 16), ("idx", "b", numel, bits)]
     if enc == "i64":
         return []  # integer buffers live in the JSON metadata (BN's num_batches_tracked)
     if enc == "q":

@@ -151,6 +151,14 @@ def _check_meta(meta_json: str, name) -> dict:
         fail(name, "bad quantization entry")
     if quant is not None:
         _bits(quant.get("bits"), name, "quantization bits", False)
+    pal = meta.get("palette")
+    if pal is not None:
+        if not isinstance(pal, dict) or meta.get("mess") is not None or quant is not None \
+                or pal.get("method") not in ("kmeans", "vq") or type(pal.get("bits")) is not int \
+                or not 1 <= pal["bits"] <= 8 \
+                or pal.get("granularity") not in (
+                    ("tensor", "channel") if pal["method"] == "kmeans" else (None,)):
+            fail(name, "bad palette entry")
     return meta
 
 
@@ -191,7 +199,8 @@ def _check_tensors(tensors: list, name) -> dict:
         for d in shape:
             _int(d, name, f"shape of {key}")
         enc = t[2]
-        if enc not in ("f32", "i64", "q", "kernel", "pointwise") or (len(t) == 4) != (enc in ("q", "i64")):
+        if enc not in ("f32", "i64", "q", "pal", "kernel", "pointwise") or (len(t) == 4) != (
+                enc in ("q", "i64", "pal")):
             fail(name, f"bad encoding of {key}")
         shapes[key] = shape
     return shapes
@@ -239,7 +248,7 @@ def _check_path(kind: str, p, mess: dict, spec: Version, meta: dict, shapes: dic
     return info
 
 
-def _check_item(t: list, paths: dict, quant, name) -> PathInfo | None:
+def _check_item(t: list, paths: dict, quant, name, palette=None) -> PathInfo | None:
     """One tensor's encoding against the entry; returns its path when it is a MESS target."""
     key, shape, enc = t[0], t[1], t[2]
     extra = t[3] if len(t) == 4 else None
@@ -255,6 +264,10 @@ def _check_item(t: list, paths: dict, quant, name) -> PathInfo | None:
         _bits(extra, name, f"bits of {key}", False)
         if key not in banks and (quant is None or extra != quant["bits"]):
             fail(name, f"{key} is quantized, but no bank or quantization entry says so")
+    elif enc == "pal":
+        if palette is None or extra != palette["bits"] or not key.endswith(".weight") or len(shape) != 4 \
+                or 0 in shape or (palette["method"] == "vq" and shape[2:] != [3, 3]):
+            fail(name, f"{key} is palettized, but no palette entry says so or its shape {shape} cannot be")
     elif enc in ("kernel", "pointwise"):
         path = paths.get(enc)
         if path is None or not key.endswith(".weight") or key in banks or len(shape) < 2 or 0 in shape:
@@ -283,9 +296,12 @@ def _plan(meta_json: str, name) -> _Plan:
     for t in meta["tensors"]:
         key, shape, enc = t[0], t[1], t[2]
         extra = t[3] if len(t) == 4 else None
-        path = _check_item(t, paths, meta.get("quant"), name)
+        path = _check_item(t, paths, meta.get("quant"), name, meta.get("palette"))
         placed = []
-        for part, stream, count, width in parts(enc, shape, extra, path, mspec):
+        for part, stream, count, width in parts(enc, shape, extra, path,
+                                                meta.get("palette") if enc == "pal" else mspec):
+            if part == "idx":
+                decoded += 8 * count
             placed.append((part, stream, nf if stream == "f" else nb, count, width))
             if stream == "f":
                 nf += count
@@ -387,9 +403,26 @@ def _decode_target(key, shape, p: PathInfo, placed, bank: torch.Tensor, m: dict,
     return weight, LayerCode(k, alpha, beta, sa, sb, None)
 
 
+def _decode_palette(shape, bits: int, placed, pal: dict, s: _Streams):
+    """(weight, PaletteLayer) of one palettized conv: float16 LUT values from their bit patterns."""
+    from .palette import PaletteLayer
+    lut = torch.from_numpy(s.values(placed, "lut").astype(np.uint16).view(np.float16).astype(np.float32))
+    if not torch.isfinite(lut).all():
+        fail(s.name, "a non-finite palette value")
+    idx = torch.from_numpy(s.values(placed, "idx").astype(np.int64))
+    k = 2 ** bits
+    if pal["method"] == "vq":
+        layer = PaletteLayer(idx, lut.reshape(k, 9))
+    elif pal["granularity"] == "channel":
+        layer = PaletteLayer(idx.reshape(shape), lut.reshape(shape[0], k))
+    else:
+        layer = PaletteLayer(idx.reshape(shape), lut)
+    return layer.decode(shape, pal["method"], pal["granularity"]), layer
+
+
 def _decode(read, size: int, name) -> dict:
     plan, s, start = _open(read, size, name)
-    sd, scales, targets = {}, {}, []
+    sd, scales, targets, palette = {}, {}, [], {}
     for key, shape, enc, extra, path, placed in plan.items:
         if enc == "f32":
             sd[key] = s.values(placed, "values").clone().reshape(shape)
@@ -399,6 +432,9 @@ def _decode(read, size: int, name) -> dict:
         elif enc == "q":
             w, scales[key] = s.dequant(placed, "codes", extra)
             sd[key] = w.reshape(shape)
+        elif enc == "pal":
+            sd[key], palette[key[:-len(".weight")]] = _decode_palette(shape, extra, placed,
+                                                                      plan.meta["palette"], s)
         else:
             sd[key] = None  # rebuilt below, once every bank is decoded
             targets.append((key, shape, path, placed))
@@ -426,5 +462,8 @@ def _decode(read, size: int, name) -> dict:
         q = plan.meta["quant"]
         ckpt["quant"] = {"bits": q["bits"], "scales": {k[:-len(".weight")]: v for k, v in scales.items()
                                                         if v is not None}}
+    if plan.meta.get("palette") is not None:
+        p = plan.meta["palette"]
+        ckpt["palette"] = {**p, "layers": {n: {"idx": x.idx, "lut": x.lut} for n, x in palette.items()}}
     ckpt["packed"] = {"bytes": size, "header_bytes": start, "floats": plan.n_floats, "code_bits": plan.n_bits}
     return ckpt

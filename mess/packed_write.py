@@ -102,7 +102,7 @@ def _meta_of(ckpt: dict) -> tuple[dict, dict, Entry | None]:
             "arch": {k: arch.get(k) for k in ARCH_KEYS} if isinstance(arch, dict) else None,
             "info": {k: ckpt[k] for k in INFO_KEYS if type(ckpt.get(k)) in (int, float)
                      and math.isfinite(ckpt[k])},
-            "mess": None, "quant": None}
+            "mess": None, "quant": None, "palette": None}
     how: dict[str, tuple] = {}
     entry = None
     if ckpt.get("mess"):
@@ -111,6 +111,16 @@ def _meta_of(ckpt: dict) -> tuple[dict, dict, Entry | None]:
         except UserError as e:
             raise UserError(f"cannot pack: {e}") from None
         meta["mess"] = _entry_meta(entry, sd, how)
+    if ckpt.get("palette"):
+        from .palette import Palette, PaletteError
+        try:
+            pal = Palette.from_dict(ckpt["palette"])
+            pal.check(sd)
+        except PaletteError as e:
+            raise UserError(f"cannot pack: {e}") from None
+        meta["palette"] = {"method": pal.method, "bits": pal.bits, "granularity": pal.granularity}
+        for layer, p in pal.layers.items():
+            how[f"{layer}.weight"] = ("pal", pal.bits, None, None, p)
     if quant:
         meta["quant"] = {"bits": int(quant["bits"])}
         for layer, scale in quant["scales"].items():
@@ -140,8 +150,11 @@ def pack(ckpt: dict) -> bytes:
             raise UserError(f"cannot pack {key}: {v.dtype} (the packed format holds float32 weights and "
                             f"int64 buffers)")
         enc, bits, scale, path, code = how.get(key, ("f32", None, None, None, None))
-        tensors.append([key, shape, enc] + ([bits] if enc == "q" else []))
-        if enc == "f32":
+        tensors.append([key, shape, enc] + ([bits] if enc in ("q", "pal") else []))
+        if enc == "pal":  # float16 LUT values as their 16-bit patterns, then the indices
+            codes.write(code.lut.half().view(torch.int16).numpy().astype(np.uint16).astype(np.uint64), 16)
+            codes.write(code.idx.reshape(-1).numpy().astype(np.uint64), bits)
+        elif enc == "f32":
             floats.append(v.reshape(-1).numpy())
         elif enc == "q":
             slot, c = _grid_codes(v, scale, bits, key)

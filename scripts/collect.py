@@ -47,7 +47,7 @@ def collect(table: Path, sweep: str, ckpts: list[str], main_argv: list[str]) -> 
         args = main.get_args_parser().parse_args([*main_argv, "-E", "--ckpt", name])
         out = main.main(args)
         ck = load_checkpoint(resolve_ckpt(name, out["ckpt_dir"]))
-        acc = storage_account(ck["model"], ck.get("mess"), quant=ck.get("quant"))
+        acc = storage_account(ck["model"], ck.get("mess"), quant=ck.get("quant"), palette=ck.get("palette"))
         stage, fmt = describe(ck)
         rows.append({"sweep": sweep, "dataset": args.dataset, "model": Path(out["ckpt_dir"]).parent.name,
                      "ckpt": Path(name).name, "stage": stage, "format": fmt,

@@ -1,0 +1,137 @@
+"""The peers inside the tool: k-means palettes and kernel codebooks (mess/palette.py, quantize.py,
+docs/design.md §9): exact decoding, the account, .mess files, -E and centroid fine-tuning with -T."""
+import os
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli, run_main
+from test_bank import DIGITS, net
+
+import quantize
+from mess.account import storage_account
+from mess.entry import NotRepresentable, check_representable
+from mess.packed_read import unpack
+from mess.packed_write import pack
+from mess.palette import Palette, kmeans_1d, palettize, parametrize_palette
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_kmeans_palette_decodes_to_its_lut(granularity):
+    model = net()
+    ckpt = palettize(model, "kmeans", bits=2, granularity=granularity)
+    check_representable(ckpt)
+    for name in ("c1", "c2", "c3", "p1", "p2"):
+        w = ckpt["model"][f"{name}.weight"]
+        rows = w.reshape(w.shape[0], -1) if granularity == "channel" else w.reshape(1, -1)
+        assert max(len(torch.unique(r)) for r in rows) <= 4
+        assert torch.equal(w.half().float(), w)  # float16 values, as coremltools stores them
+    assert torch.equal(ckpt["model"]["fc.weight"], model.state_dict()["fc.weight"])  # FC stays float32
+    # the account from the shapes: 2 bits per weight, 4 (or 4 per channel) float16 values per layer
+    convs = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    luts = {n: w.shape[0] if granularity == "channel" else 1 for n, w in convs.items()}
+    want = sum(2 * w.numel() + 16 * 4 * luts[n] for n, w in convs.items())
+    want += 32 * sum(v.numel() for k, v in model.state_dict().items()
+                     if v.is_floating_point() and k.rsplit(".", 1)[0] not in convs or k.endswith(".bias"))
+    assert storage_account(ckpt["model"], palette=ckpt["palette"]).mess_bits == want
+
+
+def test_vq_codebook_holds_every_kernel():
+    model = net()
+    ckpt = palettize(model, "vq", bits=3)
+    check_representable(ckpt)
+    pal = Palette.from_dict(ckpt["palette"])
+    assert set(pal.layers) == {"c1", "c2", "c3"}  # 3x3 convs only; the 1x1 convs stay float32
+    k = ckpt["model"]["c3.weight"].reshape(-1, 9)
+    assert len(torch.unique(k, dim=0)) <= 8
+    assert all(any(torch.equal(row, c) for c in pal.layers["c3"].lut) for row in k[:20])
+
+
+def test_kmeans_1d_finds_the_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([-1.0, -0.2, 0.3, 1.5])
+    x = centres[torch.randint(0, 4, (4000,), generator=g)] + 0.01 * torch.randn(4000, generator=g)
+    c = kmeans_1d(x[None], 4)[0]
+    assert torch.allclose(c, centres, atol=0.01)
+
+
+def test_palette_file_round_trip_and_size():
+    model = net()
+    for kw in (dict(method="kmeans", bits=3, granularity="channel"), dict(method="vq", bits=4)):
+        ckpt = palettize(model, **kw)
+        buf = pack(ckpt)
+        back = unpack(buf)
+        for key, v in ckpt["model"].items():
+            assert torch.equal(back["model"][key], v), key
+        check_representable(back)
+        bits = storage_account(ckpt["model"], palette=ckpt["palette"]).mess_bits
+        assert bits / 8 <= len(buf) <= bits / 8 + 4096
+
+
+def test_a_weight_off_its_palette_is_refused():
+    ckpt = palettize(net(), "kmeans", bits=2)
+    ckpt["model"]["c2.weight"][0, 0, 0, 0] += 1e-3
+    with pytest.raises(NotRepresentable, match="c2"):
+        check_representable(ckpt)
+
+
+def test_lut_gradient_is_the_mean_of_its_members():
+    model = net()
+    ckpt = palettize(model, "kmeans", bits=1)  # two values per layer
+    model.load_state_dict(ckpt["model"])
+    parametrize_palette(model, ckpt["palette"])
+    conv = model.c2
+    conv.weight.sum().backward()  # every weight's gradient is 1
+    pw = conv.parametrizations.weight[0]
+    assert torch.allclose(pw.lut.grad, torch.ones(2))  # the mean of ones; the sum would be the member counts
+    idx = ckpt["palette"]["layers"]["c2"]["idx"]
+    assert idx.eq(0).sum() > 10 and idx.eq(1).sum() > 10
+
+
+# ---------------------------------------------------------------- the CLIs, on digits
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    cwd = os.getcwd()
+    folder = tmp_path_factory.mktemp("digits_palette")
+    os.chdir(folder)
+    try:
+        torch.set_num_threads(1)
+        run_main(DIGITS + ["--epochs", "2", "-j", "0", "-b", "64", "--no-track"])
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+def test_quantize_kmeans_then_evaluate_and_fine_tune(digits_run, monkeypatch):
+    monkeypatch.chdir(digits_run)
+    res = quantize.main(quantize.get_args_parser().parse_args(
+        DIGITS + ["--method", "kmeans", "--qb", "2", "--granularity", "channel", "--ckpt", "ckpt_best.pth"]))
+    assert res["path"].name == "ckpt_best_km2c.pth" and res["mess_path"].is_file()
+    ckpt = torch.load(res["path"], weights_only=True)
+    check_representable(ckpt)
+    assert ckpt["bn_calib"]["method"] == "correct"
+    top1 = run_main(DIGITS + ["-j", "0", "-E", "--ckpt", res["path"].name,
+                              "--no-track"])["metrics"]["val_top1"]
+    top1_mess = run_main(DIGITS + ["-j", "0", "-E", "--ckpt", res["mess_path"].name,
+                                   "--no-track"])["metrics"]["val_top1"]
+    assert top1 == top1_mess
+    # -T fine-tunes the LUTs: indices fixed, every saved checkpoint a valid palette
+    run_main(DIGITS + ["-j", "0", "-T", "--ckpt", res["path"].name, "--epochs", "1", "-b", "64",
+                       "--no-track"])
+    tuned = torch.load(digits_run / "checkpoint" / "resnet20_w0.25" / "digits" / "ckpt_rt1_km2c_best.pth",
+                       weights_only=True)
+    check_representable(tuned)
+    a, b = ckpt["palette"]["layers"], tuned["palette"]["layers"]
+    assert all(torch.equal(a[n]["idx"], b[n]["idx"]) for n in a)
+    assert any(not torch.equal(a[n]["lut"], b[n]["lut"]) for n in a)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--method", "kmeans", "--qb", "9"], "1 to 8 bits"),
+    (["--method", "vq", "--qb", "0"], "1 to 8 bits"),
+    (["--method", "pq"], "--method"),
+])
+def test_quantize_bad_palette_flags(digits_run, flags, needle):
+    rc, _, err = run_cli("quantize.py", *DIGITS, "--ckpt", "ckpt_best.pth", *flags, cwd=digits_run)
+    assert_user_error(rc, err, needle)
