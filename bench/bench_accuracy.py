@@ -137,8 +137,10 @@ MESS_METHODS = [
     Method("MESS v2qq learned N=1024 q844", "mess", dict(version="v2qq", bank="learned", bank_size=1024,
                                                         qba=4, qbb=4)),
     Method("MESS v2qq learned N=512 q844", "mess", dict(version="v2qq", bank="learned", bank_size=512,
-                                                       qba=4, qbb=4)),
+                                                       qba=4, qbb=4), ft=True),
     Method("MESS v3 learned N=128x8 q844", "mess", dict(version="v3", bank="learned", bank_size=128,
+                                                       qba=4, qbb=4)),
+    Method("MESS v2qq learned N=256 q844", "mess", dict(version="v2qq", bank="learned", bank_size=256,
                                                        qba=4, qbb=4)),
     Method("MESS v2qq learned N=128 q834", "mess", dict(version="v2qq", bank="learned", bank_size=128,
                                                        qba=3, qbb=4), ft=True),
@@ -160,7 +162,7 @@ PEER_METHODS = [
 def compress(method: Method, model) -> dict:
     """The compressed checkpoint dict (``model`` plus its entry) of ``method``."""
     if method.kind == "mess":
-        return mess.compress(model, arch="resnet_a", **method.settings).checkpoint()
+        return mess.compress(model, mess.Settings(**method.settings), arch="resnet_a").checkpoint()
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if method.kind == "linear":
         bits = method.settings["bits"]
@@ -229,7 +231,7 @@ def fine_tune(method: Method, model, ckpt: dict, im: Images, epochs: int, lr: fl
                                    [n], ckpt["quant"]["bits"])[n] for n in conv_layers(net)}}
         else:
             from mess.palette import export_palette
-            out = export_palette(net, ckpt["palette"], list(model.state_dict()))
+            out["palette"] = export_palette(net)
     check_representable(out)
     return out
 

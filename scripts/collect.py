@@ -28,10 +28,15 @@ def describe(ckpt: dict) -> tuple[str, str]:
         fmt = f"{m['version']}" + (f" q{bits}" if bits else "")
     elif "quant" in ckpt:
         fmt = f"q{ckpt['quant']['bits']}"
+    elif "palette" in ckpt:
+        p = ckpt["palette"]
+        fmt = f"vq{p['bits']}" if p["method"] == "vq" else f"km{p['bits']}" + (
+            "c" if p.get("granularity") == "channel" else "")
     else:
         fmt = "float32"
     if "optimizer" not in ckpt:  # written by find_similar_kernel.py or quantize.py
-        stage = "compressed" if "mess" in ckpt else "quantized" if "quant" in ckpt else "weights"
+        stage = "compressed" if "mess" in ckpt else "quantized" if "quant" in ckpt or "palette" in ckpt \
+            else "weights"
     else:
         stage = "retrained" if ckpt.get("n_retrain") else "trained"
     return stage, fmt

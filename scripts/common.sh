@@ -98,7 +98,33 @@ quant_vs_v2qq() {
         clean_epochs "$data" "${mrt%_best.pth}"
         ckpts+=("$q" "$qrt" "$m" "$mrt")
     done
+    peers "$data" "$@"
+    ckpts+=("${PEER_CKPTS[@]}")
     collect "$data" "$@" -- "${ckpts[@]}"
+}
+
+# The palettization peers of $PEERS beside MESS (quantize.py --method kmeans|vq), each retrained (-T:
+# its palettes fine-tuned) like the rest: km<B> (k-means per layer), km<B>c (per output channel),
+# vq<B> (2^B 3x3 kernels per layer). Fills PEER_CKPTS. peers DATA MODEL-FLAGS...
+peers() {
+    local data="$1"; shift
+    local p bits method gran out rt
+    PEER_CKPTS=()
+    for p in ${PEERS:-}; do
+        case "$p" in
+            km*c) method=kmeans; gran=channel; bits="${p:2:-1}" ;;
+            km*) method=kmeans; gran=tensor; bits="${p:2}" ;;
+            vq*) method=vq; gran=tensor; bits="${p:2}" ;;
+            *) echo "PEERS: unknown peer $p (km<B>, km<B>c or vq<B>)" >&2; return 2 ;;
+        esac
+        out="$(name quantized ckpt_best --qb "$bits" --method "$method" --granularity "$gran")"
+        rt="$(name retrained "$out")"
+        run_quantize "$data" "$@" --ckpt ckpt_best.pth --method "$method" --granularity "$gran" --qb "$bits"
+        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+            -T --ckpt "$out"
+        clean_epochs "$data" "${rt%_best.pth}"
+        PEER_CKPTS+=("$out" "$rt")
+    done
 }
 
 # One model and one version: compress ckpt_best.pth at each bit width of $QBS (alphas and betas at 8

@@ -6,7 +6,10 @@
 #   bash scripts/sh_vgg16_cifar_v2qq.sh           # the original's sweep: CIFAR-10/100, 2 GPUs, 200 epochs
 #   DATA=digits QBS=4 EPOCHS=1 RT_EPOCHS=1 GPUS= MODEL_FLAGS="--width-mult 0.25" bash scripts/sh_vgg16_cifar_v2qq.sh
 #
-# Settings (environment): DATA ARCH LAYERS QBS EPOCHS LR RT_EPOCHS RT_LR RT_FLAGS GPUS, and scripts/common.sh's.
+#   PEERS="km2 km2c vq6" bash scripts/sh_vgg16_cifar_v2qq.sh   # also k-means palettes and kernel codebooks
+#
+# Settings (environment): DATA ARCH LAYERS QBS EPOCHS LR RT_EPOCHS RT_LR RT_FLAGS GPUS PEERS, and
+# scripts/common.sh's.
 DATA="${DATA:-cifar10 cifar100}"
 ARCH="${ARCH:-vgg}"
 VGG_LAYERS="${VGG_LAYERS:-${LAYERS:-16}}"  # the VGG depth(s); LAYERS works too

@@ -264,3 +264,41 @@ def test_cli_bad_bank_flags(digits_run, flags, needle):
     rc, _, err = run_cli("find_similar_kernel.py", *DIGITS, "-v", "v2qq", "--ckpt", "ckpt_best.pth",
                          "--no-track", *flags, cwd=digits_run)
     assert_user_error(rc, err, needle)
+
+
+# ---------------------------------------------------------------- bench/bench_accuracy.py, on the real files
+def test_accuracy_benchmark_rows_and_own_eval_images(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (shared / "akamaster" / "resnet20-12fca82f.th").is_file():
+        pytest.skip(f"the real akamaster files live in {shared} (CI has them)")
+    spec = importlib.util.spec_from_file_location("bench_accuracy", Path(__file__).parents[1] / "bench" /
+                                                  "bench_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules["bench_accuracy"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    sub = np.load(shared / "cifar10-train-subset.npz")
+    np.savez(tmp_path / "own.npz", x_test=sub["x_train"][-300:], y_test=sub["y_train"][-300:])
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--models", "20", "--only", "N=64 q844", "k-means 2-bit per output",
+                       "--bn-images", "128", "--eval-data", str(tmp_path / "own.npz"), "--json", str(out),
+                       "--png", str(tmp_path / "p.png"), "--threads", "1"])
+    back = json.loads(out.read_text())
+    assert back == rows and [r["method"] for r in rows] == ["MESS v2qq learned N=64 q844",
+                                                             "k-means 2-bit per output channel (coremltools)"]
+    for r in rows:
+        assert set(r) >= {"model", "method", "ratio", "top1_float", "top1_post", "top1_post_bn", "top1_ft",
+                          "ft_epochs"}
+        assert r["model"] == "resnet20" and r["top1_ft"] is None and r["ft_epochs"] == 0
+    assert rows[0]["mess_file"] is True  # the .mess file gives the same logits
+    assert 16 < rows[0]["ratio"] < 16.5 and 12 < rows[1]["ratio"] < 13
+    assert rows[0]["top1_post_bn"] > rows[0]["top1_post"]  # calibrated statistics help
+    from PIL import Image
+    img = Image.open(tmp_path / "p.png")
+    grey = np.asarray(img.convert("L"))
+    assert img.size[0] > 400 and len(np.unique(grey)) > 10  # a drawn figure, not blank

@@ -123,8 +123,11 @@ QUANT_VS_V2QQ = [("ckpt_best.pth", "trained", "float32"), ("ckpt_best_q4.pth", "
 
 @pytest.mark.slow
 def test_vgg16_cifar_v2qq(tmp_path):
-    rows, _ = run_script("sh_vgg16_cifar_v2qq", tmp_path, MODEL_FLAGS="--width-mult 0.125")
-    assert table(rows) == QUANT_VS_V2QQ and {r["model"] for r in rows} == {"vgg16_w0.125"}
+    rows, _ = run_script("sh_vgg16_cifar_v2qq", tmp_path, MODEL_FLAGS="--width-mult 0.125", PEERS="km2c vq4")
+    assert table(rows) == QUANT_VS_V2QQ + [  # the palettization peers beside them (PEERS)
+        ("ckpt_best_km2c.pth", "quantized", "km2c"), ("ckpt_rt1_km2c_best.pth", "retrained", "km2c"),
+        ("ckpt_best_vq4.pth", "quantized", "vq4"), ("ckpt_rt1_vq4_best.pth", "retrained", "vq4")]
+    assert {r["model"] for r in rows} == {"vgg16_w0.125"}
 
 
 @pytest.mark.slow
