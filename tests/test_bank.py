@@ -302,3 +302,27 @@ def test_accuracy_benchmark_rows_and_own_eval_images(tmp_path):
     img = Image.open(tmp_path / "p.png")
     grey = np.asarray(img.convert("L"))
     assert img.size[0] > 400 and len(np.unique(grey)) > 10  # a drawn figure, not blank
+
+
+def test_retraining_fine_tunes_at_a_fine_tuning_rate():
+    import main
+    from config import get_args_parser
+    parse = get_args_parser().parse_args
+    scratch, tune, given = parse(["digits"]), parse(["digits", "-T", "--ckpt", "x.pth"]), parse(
+        ["digits", "-T", "--ckpt", "x.pth", "--lr", "0.02"])
+    for a in (scratch, tune, given):
+        main.validate_args(a)
+    assert (scratch.lr, tune.lr, given.lr) == (0.1, 0.001, 0.02)
+    assert "with -T 0.001" in get_args_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_retraining_an_uncalibrated_checkpoint_re_estimates_bn_first(digits_run, monkeypatch, capsys):
+    monkeypatch.chdir(digits_run)
+    args = ["-v", "v2qq", "--np", "--bank", "learned", "--bank-size", "32", "--bn-calib", "off",
+            "--ckpt", "ckpt_best.pth", "--no-track"]
+    res = fsk.main(fsk.get_args_parser().parse_args(DIGITS + args))
+    capsys.readouterr()
+    run_main(DIGITS + ["-j", "0", "-T", "--ckpt", res["path"].name, "--epochs", "1", "--no-track"])
+    out = capsys.readouterr().out
+    assert "BatchNorm statistics re-estimated on 1024 augmented training images" in out
+    assert "lr 0.001" in out  # -T without --lr: the fine-tuning rate
