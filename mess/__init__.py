@@ -2,7 +2,9 @@
 
     import mess
     c = mess.compress(model, "v2qq", qb=4)     # any nn.Module with 3x3 / 1x1 convs (or linears, fc=True)
+    c = mess.compress(model, "v2qq", bank="learned", bank_size=512, qba=4, qbb=4)   # a learned bank
     model.load_state_dict(c.state_dict)        # the compressed network
+    mess.calibrate_bn(model, images, reference=float_model)   # its BatchNorm statistics (§8)
     print(mess.account(c).ratio)               # whole-model compression ratio (docs/design.md §5)
     mess.save(c, "model.mess")                 # the packed file, that many bits on disk
     c = mess.load("model.mess", model)         # validated; the weights are loaded into model
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .account import Account, storage_account
+from .bn import calibrate_bn
 from .checkpoint import load_checkpoint, load_state_dict_checked
 from .compress import Compressed, compress
 from .entry import Entry, NotRepresentable, check_representable
@@ -24,20 +27,23 @@ from .errors import UserError
 from .packed_format import SUFFIX
 from .packed_read import read_mess
 from .packed_write import write_mess
+from .palette import palettize
 from .parametrize import export_entry, parametrize, plain_state_dict
 from .search import search
 from .settings import VERSIONS, Settings
 
 __all__ = ["VERSIONS", "Account", "Compressed", "Entry", "NotRepresentable", "Settings", "UserError",
-           "account", "compress", "export", "load", "parametrize", "save", "search", "validate"]
+           "account", "calibrate_bn", "compress", "export", "load", "palettize", "parametrize", "save",
+           "search", "validate"]
 
 
-def account(c: Compressed | dict, entry: Entry | dict | None = None, quant: dict | None = None) -> Account:
+def account(c: Compressed | dict, entry: Entry | dict | None = None, quant: dict | None = None,
+            palette: dict | None = None) -> Account:
     """The storage account of a ``Compressed`` (or of a state_dict with its entry, or with a ``quant``
     entry of plain quantization): bits stored against float32, per tensor and in total."""
     if isinstance(c, Compressed):
         return storage_account(c.state_dict, c.entry)
-    return storage_account(c, entry, quant)
+    return storage_account(c, entry, quant, palette)
 
 
 def save(c: Compressed | dict, path) -> int:
