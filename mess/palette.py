@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -29,7 +30,9 @@ from .errors import UserError
 METHODS = ("kmeans", "vq")
 GRANULARITIES = ("tensor", "channel")
 MAX_PALETTE_BITS = 8
-KMEANS_ITERS = 30
+KMEANS_ITERS = 300  # Lloyd stops earlier, when no boundary moves (10-100 steps, typically)
+KPP_POINTS = 2**13  # k-means++ seeds a row from at most this many of its values
+RESTART_VALUES = 2**24  # the restarts of a layer's rows hold at most this many values at once
 
 
 class PaletteError(ValueError):
@@ -51,24 +54,133 @@ def half(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- fitting
-def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """``k`` centroids (sorted) of the rows of ``x`` (R, n), one 1-D k-means per row, batched: start at
-    the quantiles, then Lloyd steps, each value to the nearest centroid (boundaries at midpoints)."""
-    x = x.detach().float()
-    xs, _ = x.sort(1)
-    q = (torch.arange(k, dtype=torch.float32) + 0.5) / k
-    c = torch.quantile(xs, q, dim=1).T.contiguous() if xs.shape[1] > 1 else xs.expand(-1, k).clone()
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS, seed: int = 0) -> torch.Tensor:
+    """``k`` centroids (sorted, float32) of the rows of ``x`` (R, n), one 1-D k-means per row, batched.
+
+    A row with at most ``k`` distinct values keeps them (the last one repeated): it palettizes without
+    loss. The others: greedy k-means++ seeds (``_kmeanspp``), then Lloyd's iteration until no cluster
+    boundary moves, exact in 1-D (clusters are runs of the sorted row, found by bisection at the
+    midpoints between centroids; their sums by prefix sums). A row where a cluster empties is finished
+    alone, its empty clusters re-seeded at the worst-fitted values (``_lloyd_row``). Small k restart
+    (``restarts(k)`` seeds, the lowest squared error kept per row), where a start costs least."""
+    x = x.detach()
+    R, n = x.shape
+    if n == 0:
+        return torch.zeros(R, k)
+    xs = x.double().sort(1).values
+    C = torch.empty(R, k, dtype=torch.float64)
+    few = (1 + (xs[:, 1:] > xs[:, :-1]).sum(1)) <= k
+    for r in few.nonzero().flatten().tolist():
+        u = xs[r].unique()
+        C[r] = torch.cat([u, u[-1:].expand(k - len(u))])
+    many = (~few).nonzero().flatten()
+    if len(many):
+        X = xs[many]
+        t = max(1, min(restarts(k), RESTART_VALUES // X.numel()))  # the starts run as extra rows, and
+        # fewer of them where the copies would pass RESTART_VALUES values
+        Xt = X.repeat(t, 1)
+        Ct = _kmeans_rows(Xt, k, seed, iters)
+        best = _sse(Xt, Ct).view(t, -1).argmin(0)  # per row, its start of the lowest squared error
+        C[many] = Ct.view(t, -1, k)[best, torch.arange(len(many))]
+    return C.float()
+
+
+def kpp_trials(k: int) -> int:
+    """Candidates per k-means++ step, the best kept (greedy). scikit-learn takes ``2 + ln k``; with the
+    restarts below, 2 gave the same squared errors on ResNet-20/56 at half the seeding time."""
+    return 2
+
+
+def restarts(k: int) -> int:
+    """k-means starts per row: 8 up to k = 32, then fewer (one at k = 256): about 256 seeding steps."""
+    return max(1, min(8, 256 // k))
+
+
+def _sse(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Squared error of each sorted row of ``X`` against its nearest centroid of the sorted rows of ``C``."""
+    idx = torch.searchsorted(((C[:, :-1] + C[:, 1:]) / 2).contiguous(), X)
+    return (X - C.gather(1, idx)).square().sum(1)
+
+
+def _kmeans_rows(X: torch.Tensor, k: int, seed: int, iters: int) -> torch.Tensor:
+    """Centroids (R, k) of sorted float64 rows, each holding more than ``k`` distinct values."""
+    R, n = X.shape
+    C = torch.empty(R, k, dtype=torch.float64)
+    step = max(1, 2**22 // min(n, KPP_POINTS) // kpp_trials(k))  # rows seeded at a time
+    for s in range(0, R, step):
+        C[s:s + step] = _kmeanspp(X[s:s + step], k, seed + s)
+    C = C.sort(1).values
+    S = torch.cat([torch.zeros(R, 1, dtype=X.dtype), X.cumsum(1)], 1)
+    zero, end = torch.zeros(R, 1, dtype=torch.int64), torch.full((R, 1), n, dtype=torch.int64)
+    edges, bad = None, torch.zeros(R, dtype=torch.bool)
     for _ in range(iters):
-        mid = (c[:, 1:] + c[:, :-1]) / 2
-        idx = torch.searchsorted(mid.contiguous(), xs.contiguous())  # (R, n) in [0, k)
-        s = torch.zeros_like(c).scatter_add_(1, idx, xs)
-        n = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(xs))
-        new = torch.where(n > 0, s / n.clamp_min(1), c)  # an empty centroid stays where it was
-        new, _ = new.sort(1)
-        if torch.equal(new, c):
+        new = torch.cat([zero, torch.searchsorted(X, ((C[:, :-1] + C[:, 1:]) / 2).contiguous(), right=True),
+                         end], 1)
+        if edges is not None and torch.equal(new, edges):
             break
-        c = new
-    return c
+        edges = new
+        cnt = edges[:, 1:] - edges[:, :-1]
+        empty = cnt == 0
+        bad |= empty.any(1) | (C[:, 1:] <= C[:, :-1]).any(1)  # duplicate seeds, empty clusters
+        C = torch.where(empty, C, (S.gather(1, edges[:, 1:]) - S.gather(1, edges[:, :-1])) / cnt.clamp(min=1))
+    for r in bad.nonzero().flatten().tolist():
+        u, counts = X[r].unique(return_counts=True)
+        C[r] = _lloyd_row(u, counts.double(), _kmeanspp(u[None], k, seed + r, counts.double()[None])[0], k,
+                          iters)
+    return C
+
+
+def _kmeanspp(X: torch.Tensor, k: int, seed: int, W: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeds (``kpp_trials`` candidates a step, the best kept) of every row of ``X``
+    (R, n) at once, ``W`` weighting the points. Only the seeding subsamples: a row of more
+    than ``KPP_POINTS`` values is seeded from that many, evenly spaced in sorted order."""
+    R, n = X.shape
+    if n > KPP_POINTS:
+        pick = torch.linspace(0, n - 1, KPP_POINTS).round().long()
+        X, W = X[:, pick], None if W is None else W[:, pick]
+        n = KPP_POINTS
+    X, W = X.float(), None if W is None else W.float()  # float32 halves the cost of the candidates' scores
+    g = torch.Generator().manual_seed(seed)
+    trials = kpp_trials(k)
+    rows = torch.arange(R)
+    out = torch.empty(R, k, dtype=torch.float64)
+    mass = torch.ones_like(X).cumsum(1) if W is None else W.cumsum(1)
+    c = X.gather(1, torch.searchsorted(mass, torch.rand(R, 1, generator=g) * mass[:, -1:]).clamp(max=n - 1))
+    out[:, 0] = c[:, 0]
+    d = (X - c).square()
+    for j in range(1, k):
+        pot = (d if W is None else W * d).cumsum(1)
+        cand = X.gather(1, torch.searchsorted(pot, torch.rand(R, trials, generator=g) * pot[:, -1:])
+                        .clamp(max=n - 1))  # (R, trials), drawn with probability ~ distance^2
+        nd = torch.minimum(d[:, None, :], (X[:, None, :] - cand[:, :, None]).square())  # (R, trials, n)
+        best = (nd if W is None else W[:, None, :] * nd).sum(2).argmin(1)
+        d = nd[rows, best]
+        out[:, j] = cand[rows, best]
+    return out
+
+
+def _lloyd_row(u: torch.Tensor, w: torch.Tensor, c: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """Lloyd on one row of sorted distinct values ``u`` with counts ``w`` from seeds ``c``; an empty
+    cluster (or a duplicate seed) is re-seeded at the value with the largest weighted squared error."""
+    u, w, c = u.numpy(), w.numpy(), np.unique(c.numpy())
+    n = len(u)
+    cw, cs = np.concatenate([[0.0], np.cumsum(w)]), np.concatenate([[0.0], np.cumsum(w * u)])
+    edges = None
+    for _ in range(iters):
+        if len(c) < k:  # more than k distinct values: the worst-fitted ones are not centroids yet
+            near = np.searchsorted((c[:-1] + c[1:]) / 2, u) if len(c) > 1 else np.zeros(n, np.int64)
+            worst = np.argsort(-(w * (u - c[near]) ** 2), kind="stable")[:k - len(c)]
+            c = np.sort(np.concatenate([c, u[worst]]))
+        new = np.concatenate([[0], np.searchsorted(u, (c[:-1] + c[1:]) / 2, side="right"), [n]])
+        if edges is not None and np.array_equal(new, edges):
+            break
+        edges = new
+        m = cw[edges[1:]] - cw[edges[:-1]]
+        full = m > 0
+        c = (cs[edges[1:]] - cs[edges[:-1]])[full] / m[full]  # ascending: means of disjoint sorted runs
+        if not full.all():
+            edges = None  # re-seeded next round
+    return torch.from_numpy(c)
 
 
 def nearest_1d(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,39 @@ def test_kmeans_1d_finds_the_clusters():
     assert torch.allclose(c, centres, atol=0.01)
 
 
+@pytest.mark.parametrize("k", [4, 16, 64])
+def test_kmeans_1d_is_as_good_as_scikit_learn(k):
+    """Heavy-tailed values (as weights are): the squared error within 3 % of scikit-learn's best of three
+    k-means++ starts up to 16 centroids, 8 % at 64 centroids for 1,500 values (the quantile start of the
+    first version missed the tails: 1.1-1.8x the error at 4 bits, 2.5-11x at 6-8 bits on ResNet weights)."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    x = torch.from_numpy(np.random.default_rng(0).standard_t(3, size=(4, 1500))).float()
+    c = kmeans_1d(x, k)
+    assert c.shape == (4, k) and bool((c[:, 1:] > c[:, :-1]).all())  # k distinct centroids, ascending
+    for row, cent in zip(x.double(), c.double()):
+        ours = (row[:, None] - cent[None]).square().min(1).values.sum().item()
+        ref = KMeans(k, n_init=3, random_state=0).fit(row.numpy()[:, None]).inertia_
+        assert ours <= (1.03 if k <= 16 else 1.08) * ref, (k, ours, ref)
+
+
+def test_few_distinct_values_palettize_without_loss():
+    """A row with at most 2^b distinct values keeps them: 8-bit channels of 27-72 weights are exact."""
+    model = net()
+    ckpt = palettize(model, "kmeans", bits=8, granularity="channel")
+    for name, w in model.state_dict().items():
+        if name in ("c1.weight", "c2.weight"):
+            assert torch.equal(ckpt["model"][name], w.half().float()), name
+
+
+def test_kmeans_1d_reseeds_empty_clusters():
+    from mess.palette import _lloyd_row
+    u = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.0, 30.0], dtype=torch.float64)
+    w = torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    c = _lloyd_row(u, w, torch.tensor([0.0, 0.0, 0.0]), 3, 100)  # duplicate seeds: 30 and 11 join
+    assert torch.allclose(c, torch.tensor([3 / 7, 10.5, 30.0], dtype=torch.float64))
+
+
 def test_palette_file_round_trip_and_size():
     model = net()
     for kw in (dict(method="kmeans", bits=3, granularity="channel"), dict(method="vq", bits=4)):
