@@ -40,7 +40,8 @@ FLAGS = {
                              "GPUs on the current node when using Data Parallel"),
     "lr": _flag("--lr", "--learning-rate", dest="lr", type=float, default=None, metavar="LR",
                 help="initial learning rate (default: 0.1; with -T 0.001, a fine-tuning rate: 0.01 and "
-                     "more undo what the compressed weights keep; a MESS bank trains at a tenth of it)"),
+                     "more undo what the compressed weights keep; a MESS bank trains at a tenth of it; "
+                     "with -R the resumed run's)"),
     "momentum": _flag("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: 0.9)"),
     "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4,
                           metavar="W", help="weight decay (default: 5e-4)"),

@@ -65,8 +65,8 @@ class NullTracker:
 
 
 def validate_args(args) -> None:
-    if args.lr is None:  # from scratch the original's 0.1; -T fine-tunes trained weights
-        args.lr = FINETUNE_LR if args.retrain else SCRATCH_LR
+    if args.lr is None and not args.resume:  # from scratch the original's 0.1; -T fine-tunes trained
+        args.lr = FINETUNE_LR if args.retrain else SCRATCH_LR  # weights (-R: the run's own, resumed_lr)
     if args.resume and args.evaluate:
         raise UserError("-R/--resume and -E/--evaluate exclude each other")
     if (args.resume or args.evaluate) and not args.ckpt:
@@ -234,6 +234,8 @@ def _run(args, tracker, d: Dist):
     model, spec, ckpt_dir = build_model_from_args(args)
     criterion = nn.CrossEntropyLoss()
     ckpt, path = load_input_checkpoint(args, model, spec, ckpt_dir)
+    if args.lr is None:  # -R without --lr
+        args.lr = resumed_lr(ckpt)
     run = None
     if not args.evaluate:
         # mode, names and parametrizations (retrain.py), with every flag error before data is read
@@ -284,6 +286,15 @@ def calibrate_start(args, run, ckpt, device) -> None:
         if layers:
             console.print(f"BatchNorm statistics re-estimated on {len(images)} augmented training images "
                           f"({layers} layers) before retraining")
+
+
+def resumed_lr(ckpt: dict) -> float:
+    """-R without --lr: the base learning rate of the run it resumes (its schedule's, else its flags'), so
+    that a resumed -T run keeps its fine-tuning rate instead of starting again at 0.1."""
+    for where in ((ckpt.get("scheduler") or {}).get("base_lr"), (ckpt.get("args") or {}).get("lr")):
+        if isinstance(where, (int, float)) and not isinstance(where, bool):
+            return float(where)
+    return SCRATCH_LR
 
 
 def load_input_checkpoint(args, model, spec, ckpt_dir):

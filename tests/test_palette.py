@@ -168,3 +168,36 @@ def test_quantize_kmeans_then_evaluate_and_fine_tune(digits_run, monkeypatch):
 def test_quantize_bad_palette_flags(digits_run, flags, needle):
     rc, _, err = run_cli("quantize.py", *DIGITS, "--ckpt", "ckpt_best.pth", *flags, cwd=digits_run)
     assert_user_error(rc, err, needle)
+
+
+@pytest.mark.slow  # four epochs, as the other long resume tests
+def test_resume_of_a_palette_fine_tuning_is_exact(digits_run, tmp_path, monkeypatch):
+    """-R of a -T palette run (mode palette: latent LUTs, optimizer, RNG) equals the uninterrupted run
+    bit for bit, and every checkpoint either writes is a valid palette checkpoint. Without --lr: -R keeps
+    the resumed run's fine-tuning rate (it restarted at 0.1 before main.resumed_lr)."""
+    import shutil
+
+    from test_train import StopAfter
+    monkeypatch.chdir(digits_run)
+    quantize.main(quantize.get_args_parser().parse_args(
+        DIGITS + ["--method", "kmeans", "--qb", "2", "--ckpt", "ckpt_best.pth"]))
+    folder = "checkpoint/resnet20_w0.25/digits"
+    shutil.copytree(digits_run / "checkpoint", tmp_path / "checkpoint")
+    tiny = DIGITS + ["-j", "0", "-b", "64", "--epochs", "2", "--no-track"]
+    argv = tiny + ["-T", "--ckpt", "ckpt_best_km2.pth"]
+    straight = run_main(argv)
+    a = torch.load(f"{folder}/ckpt_rt1_km2_epoch_2.pth", weights_only=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(argv, tracker=StopAfter(1))
+    resumed = run_main(tiny + ["-R", "--ckpt", "ckpt_rt1_km2_epoch_1.pth"])
+    b = torch.load(f"{folder}/ckpt_rt1_km2_epoch_2.pth", weights_only=True)
+    assert a["retrain"]["mode"] == b["retrain"]["mode"] == "palette"
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for n, e in a["palette"]["layers"].items():
+        assert torch.equal(e["lut"], b["palette"]["layers"][n]["lut"]) and torch.equal(
+            e["idx"], b["palette"]["layers"][n]["idx"]), n
+    assert resumed["history"][-1]["val_top1"] == straight["history"][-1]["val_top1"]
+    for p in straight["saved"] + resumed["saved"]:
+        check_representable(torch.load(p, weights_only=True))
