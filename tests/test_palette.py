@@ -60,7 +60,7 @@ def test_kmeans_1d_finds_the_clusters():
 def test_kmeans_1d_is_as_good_as_scikit_learn(k):
     """Heavy-tailed values (as weights are): the squared error within 3 % of scikit-learn's best of three
     k-means++ starts up to 16 centroids, 8 % at 64 centroids for 1,500 values (the quantile start of the
-    first version missed the tails: 1.1-1.8x the error at 4 bits, 2.5-11x at 6-8 bits on ResNet weights)."""
+    first version missed the tails: 1.2-1.8x the error at 4 bits, 4-64x at 6-8 bits on ResNet weights)."""
     import numpy as np
     from sklearn.cluster import KMeans
     x = torch.from_numpy(np.random.default_rng(0).standard_t(3, size=(4, 1500))).float()
