@@ -306,6 +306,12 @@ def load_input_checkpoint(args, model, spec, ckpt_dir):
     ckpt = load_any_checkpoint(path)  # a .mess file too
     check_arch(ckpt, spec, path)
     load_state_dict_checked(model, ckpt["model"], path)
+    if ckpt.get("palette"):  # a palette checkpoint's weights must be its lut[idx] (docs/design.md §9)
+        from mess.entry import NotRepresentable, check_representable
+        try:
+            check_representable({"model": ckpt["model"], "palette": ckpt["palette"]})
+        except NotRepresentable as e:
+            raise UserError(f"{path.name} is not a valid palette checkpoint: {e}") from None
     return ckpt, path
 
 

@@ -201,3 +201,23 @@ def test_resume_of_a_palette_fine_tuning_is_exact(digits_run, tmp_path, monkeypa
     assert resumed["history"][-1]["val_top1"] == straight["history"][-1]["val_top1"]
     for p in straight["saved"] + resumed["saved"]:
         check_representable(torch.load(p, weights_only=True))
+
+
+def test_main_refuses_a_palette_checkpoint_off_its_lut(digits_run, monkeypatch, capsys):
+    """-E and -T validate a palette checkpoint: weights that are not lut[idx] are one line, exit 2."""
+    import main
+    from utils import run_cli as run_cli_inprocess
+    monkeypatch.chdir(digits_run)
+    quantize.main(quantize.get_args_parser().parse_args(
+        DIGITS + ["--method", "kmeans", "--qb", "2", "--ckpt", "ckpt_best.pth"]))
+    folder = digits_run / "checkpoint" / "resnet20_w0.25" / "digits"
+    ckpt = torch.load(folder / "ckpt_best_km2.pth", weights_only=True)
+    ckpt["model"]["layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    torch.save(ckpt, folder / "tampered_km2.pth")
+    capsys.readouterr()
+    for mode in (["-E"], ["-T", "--epochs", "1"]):
+        with pytest.raises(SystemExit) as e:
+            run_cli_inprocess(main.main, main.get_args_parser(),
+                              DIGITS + ["-j", "0", "--no-track", "--ckpt", "tampered_km2.pth", *mode])
+        assert_user_error(e.value.code, capsys.readouterr().err, "tampered_km2.pth", "not a valid palette",
+                          "layer1.0.conv1")
