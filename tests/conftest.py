@@ -51,3 +51,21 @@ def assert_user_error(rc, err, *needles):
     for n in needles:
         assert n in lines[0], (n, lines[0])
     assert "Traceback" not in err
+
+
+# a small ResNet on digits, trained for two epochs once per test module (each module its own folder)
+DIGITS = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    import torch
+    cwd = os.getcwd()
+    folder = tmp_path_factory.mktemp("digits")
+    os.chdir(folder)
+    try:
+        torch.set_num_threads(1)
+        run_main(DIGITS + ["--epochs", "2", "-j", "0", "-b", "64", "--no-track"])
+    finally:
+        os.chdir(cwd)
+    return folder

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_user_error, run_cli, run_main
+from conftest import DIGITS, assert_user_error, run_cli, run_main
 
 import find_similar_kernel as fsk
 import mess
@@ -208,24 +208,7 @@ def test_reestimate_takes_the_statistics_of_the_images():
     assert not model.training
 
 
-# ---------------------------------------------------------------- the CLI, on digits
-DIGITS = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.25"]
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    import os
-    cwd = os.getcwd()
-    folder = tmp_path_factory.mktemp("digits")
-    os.chdir(folder)
-    try:
-        torch.set_num_threads(1)
-        run_main(DIGITS + ["--epochs", "2", "-j", "0", "-b", "64", "--no-track"])
-    finally:
-        os.chdir(cwd)
-    return folder
-
-
+# ---------------------------------------------------------------- the CLI, on digits (conftest.digits_run)
 def test_cli_learned_bank_with_bn_correction(digits_run, monkeypatch):
     monkeypatch.chdir(digits_run)
     args = ["-v", "v2qq", "--np", "--bank", "learned", "--bank-size", "64", "--qba", "4", "--qbb", "4",

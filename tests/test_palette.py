@@ -1,11 +1,10 @@
 """The peers inside the tool: k-means palettes and kernel codebooks (mess/palette.py, quantize.py,
 docs/design.md §9): exact decoding, the account, .mess files, -E and centroid fine-tuning with -T."""
-import os
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, run_main
-from test_bank import DIGITS, net
+from conftest import DIGITS, assert_user_error, run_cli, run_main
+from test_bank import net
 
 import quantize
 from mess.account import storage_account
@@ -122,18 +121,7 @@ def test_lut_gradient_is_the_mean_of_its_members():
     assert idx.eq(0).sum() > 10 and idx.eq(1).sum() > 10
 
 
-# ---------------------------------------------------------------- the CLIs, on digits
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    cwd = os.getcwd()
-    folder = tmp_path_factory.mktemp("digits_palette")
-    os.chdir(folder)
-    try:
-        torch.set_num_threads(1)
-        run_main(DIGITS + ["--epochs", "2", "-j", "0", "-b", "64", "--no-track"])
-    finally:
-        os.chdir(cwd)
-    return folder
+# ---------------------------------------------------------------- the CLIs, on digits (conftest.digits_run)
 
 
 def test_quantize_kmeans_then_evaluate_and_fine_tune(digits_run, monkeypatch):
