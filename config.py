@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from mess.settings import VERSIONS
@@ -14,15 +15,66 @@ from models import DATASET_FAMILY, list_models
 DATASETS = tuple(DATASET_FAMILY)
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit code 2."""
+    """argparse whose errors are one line on stderr (no usage dump), exit code 2, and whose namespaces
+    know which flags the command line gave (``given_flags``): -R takes the others from the run."""
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        saved = {a.dest: a.default for a in self._actions}
+        try:  # parsed again with no defaults: what is left was typed
+            for a in self._actions:
+                a.default = argparse.SUPPRESS
+            typed, _ = super().parse_known_args(args, None)
+        finally:
+            for a in self._actions:
+                a.default = saved[a.dest]
+        setattr(ns, GIVEN, frozenset(vars(typed)))
+        return ns, rest
+
+
+GIVEN = "_given_flags"
+
+
+def given_flags(args) -> frozenset | None:
+    """The dests the command line gave explicitly; None for a namespace built otherwise (the API)."""
+    return getattr(args, GIVEN, None)
+
 
 def _flag(*names, **kw):
     return names, kw
+
+
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse ``type`` that takes finite numbers in [low, high] only (open ends where told):
+    NaN or inf would train an all-NaN network, an out-of-range value fails deep inside torch."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            what_kind = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what_kind}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        too_low = low is not None and (v <= low if low_open else v < low)
+        too_high = high is not None and (v >= high if high_open else v > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be "
+                                             f"{' and '.join(x for x in (lo, hi) if x)}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NONNEGATIVE = _number(float, 0, low_open=True), _number(float, 0)
+FRACTION = _number(float, 0, 1, high_open=True)  # momentum
+WIDTH = _number(float, 0, 64, low_open=True)  # --width-mult: beyond 64 no model of this suite fits in memory
+SEED = _number(int, -2**63, 2**64 - 1)  # what torch.manual_seed takes
 
 
 # Every flag once, with the original's spellings, defaults and help; tools pick what they need.
@@ -38,17 +90,17 @@ FLAGS = {
     "batch_size": _flag("-b", "--batch-size", dest="batch_size", type=int, default=128, metavar="N",
                         help="mini-batch size (default: 128), this is the total batch size of all "
                              "GPUs on the current node when using Data Parallel"),
-    "lr": _flag("--lr", "--learning-rate", dest="lr", type=float, default=None, metavar="LR",
+    "lr": _flag("--lr", "--learning-rate", dest="lr", type=POSITIVE, default=None, metavar="LR",
                 help="initial learning rate (default: 0.1; with -T 0.001, a fine-tuning rate: 0.01 and "
                      "more undo what the compressed weights keep; a MESS bank trains at a tenth of it; "
                      "with -R the resumed run's)"),
-    "momentum": _flag("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: 0.9)"),
-    "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4,
+    "momentum": _flag("--momentum", type=FRACTION, default=0.9, metavar="M", help="momentum (default: 0.9)"),
+    "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=NONNEGATIVE, default=5e-4,
                           metavar="W", help="weight decay (default: 5e-4)"),
     "layers": _flag("--layers", type=int, default=16, metavar="N",
                     help="number of layers in VGG/ResNet/WideResNet (default: 16)"),
     "bn": _flag("--bn", "--batch-norm", dest="bn", action="store_true", help="Use batch norm in VGG?"),
-    "width_mult": _flag("--width-mult", dest="width_mult", type=float, default=1.0, metavar="WM",
+    "width_mult": _flag("--width-mult", dest="width_mult", type=WIDTH, default=1.0, metavar="WM",
                         help="width multiplier to thin a network uniformly at each layer (default: 1.0)"),
     "groups": _flag("--groups", type=int, default=1, metavar="N",
                     help="number of groups for ShuffleNet (kept for compatibility; only 1) (default: 1)"),
@@ -76,11 +128,11 @@ FLAGS = {
     "save_epoch": _flag("-s", "--save-epoch", dest="save_epoch", type=int, default=1, metavar="N",
                         help="number of epochs to save checkpoint and to apply new method (default: 1)"),
     "nuc_loss": _flag("--nl", "--nuc-loss", dest="nuc_loss", action="store_true", help="nuclear norm loss?"),
-    "nl_scale": _flag("--nls", "--nl-scale", dest="nl_scale", type=float, default=1.0, metavar="NLS",
+    "nl_scale": _flag("--nls", "--nl-scale", dest="nl_scale", type=NONNEGATIVE, default=1.0, metavar="NLS",
                       help="scale factor of nuc_loss (default: 1.0)"),
     "pcc_loss": _flag("--pl", "--pcc-loss", dest="pcc_loss", action="store_true",
                       help="pearson correlation coefficient loss?"),
-    "pl_scale": _flag("--pls", "--pl-scale", dest="pl_scale", type=float, default=1.0, metavar="PLS",
+    "pl_scale": _flag("--pls", "--pl-scale", dest="pl_scale", type=NONNEGATIVE, default=1.0, metavar="PLS",
                       help="scale factor of pcc_loss (default: 1.0)"),
     "quant": _flag("-Q", "--quant", action="store_true", help="use quantization?"),
     "np": _flag("--np", action="store_true", help="no v2-like method in pointwise convolutional layer?"),
@@ -120,10 +172,10 @@ FLAGS = {
                            "them from the compressed network) | off (default: correct)"),
     "bn_images": _flag("--bn-images", dest="bn_images", type=int, default=1024, metavar="N",
                        help="training images for --bn-calib (default: 1024)"),
-    "wclip": _flag("--wclip", dest="wclip", type=float, default=None, metavar="K",
+    "wclip": _flag("--wclip", dest="wclip", type=POSITIVE, default=None, metavar="K",
                    help="after each optimizer step clamp each covered layer's weights to their mean +- K "
                         "standard deviations (the original's TODO; default: off)"),
-    "seed": _flag("--seed", type=int, default=0, metavar="N",
+    "seed": _flag("--seed", type=SEED, default=0, metavar="N",
                   help="random seed; a fixed seed makes a CPU run repeatable (default: 0)"),
     "sched": _flag("--sched", default="step", metavar="S",
                    help="learning-rate schedule: step (x0.1 at 50%% and 75%% of --epochs, the "
@@ -137,6 +189,17 @@ FLAGS = {
                         help="pinned host memory and non-blocking copies on CUDA; no effect on CPU"),
     "persistent_workers": _flag("--persistent-workers", dest="persistent_workers", action="store_true",
                                 help="keep data-loading workers alive between epochs (with -j > 0)"),
+    # ---- the run's folder (run_folder.py) and -R (resume.py)
+    "ckpt_dir": _flag("--ckpt-dir", dest="ckpt_dir", default=None, metavar="DIR",
+                      help="where the run writes its checkpoints and summary, and where a bare --ckpt name "
+                           "is looked up (default: checkpoint/<model>/<dataset>)"),
+    "overwrite": _flag("--overwrite", action="store_true",
+                       help="train from scratch into a folder that holds an earlier run of the same names: "
+                            "its epoch files are removed, its best file replaced (default: such a run is "
+                            "refused)"),
+    "change_flags": _flag("--change-flags", dest="change_flags", action="store_true",
+                          help="with -R: resume with flags that differ from the run's own (each is named); "
+                               "without it -R refuses them and takes the run's own for flags not given"),
     # ---- experiment records (tracking.py)
     "mongo_url": _flag("--mongo-url", dest="mongo_url", default=None, metavar="URL",
                        help="also record the run in MongoDB for Omniboard, e.g. mongodb://127.0.0.1:27017 "
@@ -170,4 +233,4 @@ def get_args_parser() -> argparse.ArgumentParser:
         "retrain", "gpuids", "datapath", "version", "bind_size", "pw_bind_size", "new", "save_epoch",
         "nuc_loss", "nl_scale", "pcc_loss", "pl_scale", "quant", "np", "qb", "qba", "qbb", "wclip",
         "seed", "sched", "amp", "channels_last", "pin_memory", "persistent_workers") + BANK_FLAGS + BN_FLAGS
-        + TRACK_FLAGS)
+        + ("ckpt_dir", "overwrite", "change_flags") + TRACK_FLAGS)

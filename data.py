@@ -156,6 +156,9 @@ def get_datasets(dataset: str, datapath, arch: str | None = None,
     root = Path(datapath)
     if dataset == "digits":
         return digits_datasets()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--datapath {datapath} is a file; it names the folder that holds (or receives) the "
+                        f"data sets")
     if dataset not in DATASET_STATS:
         raise UserError(f"unknown dataset {dataset!r}")
     stats = input_stats(dataset, arch)

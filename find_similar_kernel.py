@@ -17,12 +17,12 @@ from config import BANK_FLAGS, BN_FLAGS, MESS_FLAGS, MODEL_FLAGS, TRACK_FLAGS, O
 from data import calibration_images
 from mess.account import print_account, storage_account
 from mess.bn import batchnorms, calibrate_bn
-from mess.checkpoint import with_weights
+from mess.checkpoint import check_output_folder, checkpoint_writer, state_bytes, with_weights, write_together
 from mess.compress import compress
 from mess.names import compressed_name, packed_name
 from mess.packed_write import size_line, write_mess
 from mess.settings import Settings
-from utils import UserError, load_model_checkpoint, run_cli, save_checkpoint, select_device
+from utils import UserError, load_model_checkpoint, run_cli, select_device
 
 
 def get_args_parser():
@@ -60,6 +60,8 @@ def main(args):
                         f"the calibration off)")
     device = select_device(args.cuda, args.gpuids)
     model, ckpt, path = load_model_checkpoint(args)
+    # before the work: room beside the input for the checkpoint and its .mess (each at most float32 weights)
+    check_output_folder(path.parent, 2 * state_bytes(model), "the compressed checkpoint and its .mess")
     if "mess" in ckpt:
         print(f"note: {path.name} is already a MESS checkpoint ({ckpt['mess'].get('version')}); "
               f"searching its reconstructed weights again")
@@ -72,9 +74,10 @@ def main(args):
     name = compressed_name(path.stem, settings, pointwise_ran=c.entry.pointwise is not None)
     out_path = path.with_name(name)
     out = with_weights(ckpt, c.state_dict, mess=c.entry.to_dict(), **bn)
-    save_checkpoint(out, out_path)
     mess_path = out_path.with_name(packed_name(name))
-    mess_bytes = write_mess(mess_path, out)  # the packed network, beside the checkpoint
+    # the packed network beside the checkpoint: both written, or neither (and the old ones kept)
+    _, mess_bytes = write_together([(out_path, checkpoint_writer(out)),
+                                    (mess_path, lambda tmp: write_mess(tmp, out))])
     account = storage_account(c.state_dict, c.entry)
     n_targets = sum(r["targets"] or 0 for r in c.rows)
     print_account(account, c.rows, title=f"MESS {settings.version}: {path.name}")

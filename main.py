@@ -22,7 +22,9 @@ from rich.console import Console
 from tqdm import tqdm
 
 import models
+import resume
 import retrain
+import run_folder
 from config import TRACK_FLAGS, get_args_parser
 from data import calibration_images, get_loaders, set_epoch
 from mess.account import summarize
@@ -35,6 +37,7 @@ from utils import (
     append_csv,
     build_model_from_args,
     check_arch,
+    ckpt_dir_of,
     init_distributed,
     load_any_checkpoint,
     load_state_dict_checked,
@@ -79,6 +82,8 @@ def validate_args(args) -> None:
         raise UserError(f"unknown --sched {args.sched!r}; choose step or cosine")
     if args.groups != 1:
         raise UserError("--groups other than 1 applies to ShuffleNet, which this suite does not build")
+    if args.overwrite and (args.resume or args.evaluate):
+        raise UserError("--overwrite starts a run from scratch over an earlier one; -R and -E write no run")
 
 
 def lr_at(args, epoch: int) -> float:
@@ -228,43 +233,74 @@ def _run(args, tracker, d: Dist):
     if args.batch_size % d.world_size:
         raise UserError(f"-b {args.batch_size} is the total batch size; it must divide by the "
                         f"{d.world_size} processes")
+    ckpt, path = read_input_checkpoint(args)
+    if args.resume:  # before the model is built: the run's own flags rebuild it
+        resume.apply_recorded_flags(args, ckpt, path, console)
+        resume.check_resume_state(ckpt, path)
+    if args.lr is None:  # -R of a run that recorded no flags
+        args.lr = resumed_lr(ckpt)
     device = select_device(args.cuda, args.gpuids, d)
     rt = make_runtime(args, device, d)
     set_seed(args.seed)  # before the model is built: its initial weights come from this seed
     model, spec, ckpt_dir = build_model_from_args(args)
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir
+    if ckpt is not None:
+        load_into(model, ckpt, spec, path)
     criterion = nn.CrossEntropyLoss()
-    ckpt, path = load_input_checkpoint(args, model, spec, ckpt_dir)
-    if args.lr is None:  # -R without --lr
-        args.lr = resumed_lr(ckpt)
     run = None
     if not args.evaluate:
         # mode, names and parametrizations (retrain.py), with every flag error before data is read
         run = retrain.Retrainer.create(args, model, retrain.decide(args, ckpt, path), ckpt, device, d)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if d.is_main:  # writable, with room, before the data is read and an epoch is spent
+        run_folder.check_room(ckpt_dir, model, args.evaluate)
+    run_id = (ckpt or {}).get("run_id") if args.resume else None
+    run_id = run_id if isinstance(run_id, str) else run_folder.new_run_id()
+    if args.evaluate:
+        return _evaluate(args, rt, model, criterion, ckpt, ckpt_dir, run_id)
+    with run_folder.folder_lock(ckpt_dir, run_id, d):
+        if d.is_main and not args.resume:
+            run_folder.refuse_or_clear(ckpt_dir, run.spec.prefix, args.overwrite, console)
+        return _train(args, rt, model, criterion, run, ckpt, path, ckpt_dir, spec, tracker, run_id)
 
-    train_loader, val_loader, shuffler = get_loaders(
+
+def _loaders(args, rt: Runtime):
+    d = rt.dist
+    return get_loaders(
         args.dataset, args.datapath, args.batch_size // d.world_size, args.workers,
-        pin_memory=args.pin_memory and device.type == "cuda",
+        pin_memory=args.pin_memory and rt.device.type == "cuda",
         persistent_workers=args.persistent_workers, rank=d.rank, world_size=d.world_size,
         arch=args.arch)  # the normalisation the architecture's weights expect (models.input_stats)
-    if run is not None:
-        calibrate_start(args, run, ckpt, device)
-    net = wrap_model(model, device, args.gpuids, d)
-    if args.evaluate:
-        return evaluate_checkpoint(args, net, val_loader, criterion, rt, ckpt, ckpt_dir)
 
+
+def _evaluate(args, rt: Runtime, model, criterion, ckpt, ckpt_dir, run_id):
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _, val_loader, _ = _loaders(args, rt)
+    net = wrap_model(model, rt.device, args.gpuids, rt.dist)
+    return evaluate_checkpoint(args, net, val_loader, criterion, rt, ckpt, ckpt_dir, run_id)
+
+
+def _train(args, rt: Runtime, model, criterion, run, ckpt, path, ckpt_dir, spec, tracker, run_id):
+    d = rt.dist
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, val_loader, shuffler = _loaders(args, rt)
+    calibrate_start(args, run, ckpt, rt.device)
+    net = wrap_model(model, rt.device, args.gpuids, d)
     optimizer = torch.optim.SGD(run.param_groups(args.weight_decay), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0)
     run.attach(optimizer)
-    start_epoch, best_acc1 = 1, -1.0  # below any accuracy: the first epoch always writes ckpt_best.pth
+    start_epoch, best_acc1, best_epoch, history = 1, -1.0, None, []  # -1: the first epoch writes the best
     if args.resume:
-        start_epoch, best_acc1 = resume_training_state(args, ckpt, optimizer, rt)
-    run_header(args, model, device, ckpt_dir, d)
+        start_epoch, best_acc1 = resume_training_state(args, ckpt, path, optimizer, rt)
+        best_epoch, history = ckpt.get("best_epoch"), list(ckpt.get("history") or [])
+        if d.is_main:
+            resume.repair(ckpt_dir, run.spec.prefix, ckpt_dir / run.summary_name(), ckpt, console)
+    run_header(args, model, rt.device, ckpt_dir, d)
     if run.mode != "train":
         console.print(describe_run(run, path))
     loop = Loop(args, rt, run, net, criterion, optimizer, train_loader, val_loader, shuffler, ckpt_dir, spec,
-                tracker)
+                tracker, run_id, best_epoch, history)
     return train(loop, start_epoch, best_acc1)
 
 
@@ -297,13 +333,18 @@ def resumed_lr(ckpt: dict) -> float:
     return SCRATCH_LR
 
 
-def load_input_checkpoint(args, model, spec, ckpt_dir):
-    """(checkpoint, path) that -R, -E or -T start from, its weights loaded into ``model``; (None, None)
-    when the run starts from the seed."""
+def read_input_checkpoint(args):
+    """(checkpoint, path) that -R, -E or -T start from, read (not yet loaded into a model); (None, None)
+    when the run starts from the seed. A bare --ckpt name is looked up in the folder the flags name."""
     if not (args.ckpt and (args.resume or args.evaluate or args.retrain)):
         return None, None
-    path = resolve_ckpt(args.ckpt, ckpt_dir)
-    ckpt = load_any_checkpoint(path)  # a .mess file too
+    folder = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(args))
+    path = resolve_ckpt(args.ckpt, folder)
+    return load_any_checkpoint(path), path  # a .mess file too
+
+
+def load_into(model, ckpt: dict, spec: dict, path) -> None:
+    """The checkpoint's weights in ``model``, after its architecture and data set are checked."""
     check_arch(ckpt, spec, path)
     load_state_dict_checked(model, ckpt["model"], path)
     if ckpt.get("palette"):  # a palette checkpoint's weights must be its lut[idx] (docs/design.md §9)
@@ -312,10 +353,9 @@ def load_input_checkpoint(args, model, spec, ckpt_dir):
             check_representable({"model": ckpt["model"], "palette": ckpt["palette"]})
         except NotRepresentable as e:
             raise UserError(f"{path.name} is not a valid palette checkpoint: {e}") from None
-    return ckpt, path
 
 
-def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckpt_dir) -> dict:
+def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckpt_dir, run_id="") -> dict:
     """-E: one pass over the validation set, printed and appended to eval.csv."""
     t0 = time.time()
     metrics = evaluate(net, val_loader, criterion, rt)
@@ -326,20 +366,19 @@ def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckp
     console.print(line)
     if rt.dist.is_main:
         append_csv(ckpt_dir / "eval.csv", [{"ckpt": str(args.ckpt), **metrics,
-                                            "seconds": round(time.time() - t0, 2)}])
+                                            "seconds": round(time.time() - t0, 2), "run_id": run_id}])
     return {"metrics": metrics, "ckpt_dir": ckpt_dir}
 
 
-def resume_training_state(args, ckpt, optimizer, rt: Runtime) -> tuple[int, float]:
-    """-R: optimizer, loss scale and RNG back from the checkpoint; (first epoch to run, best top-1)."""
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        raise UserError(f"{args.ckpt} has no optimizer state or epoch; it can be evaluated "
-                        f"(-E) or retrained, not resumed")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    start_epoch, best_acc1 = int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc1", 0.0))
+def resume_training_state(args, ckpt, path, optimizer, rt: Runtime) -> tuple[int, float]:
+    """-R: optimizer, loss scale and RNG back from the checkpoint (its form checked first, by
+    resume.check_resume_state); (first epoch to run, best top-1)."""
+    epoch, best_acc1 = resume.check_resume_state(ckpt, path)
+    start_epoch = epoch + 1
     if start_epoch > args.epochs:
-        raise UserError(f"{args.ckpt} already holds epoch {start_epoch - 1} of --epochs "
-                        f"{args.epochs}; give a larger --epochs to train on")
+        raise UserError(f"{args.ckpt} already holds epoch {epoch} of --epochs {args.epochs}; give a larger "
+                        f"--epochs to train on")
+    resume.load_optimizer_state(optimizer, ckpt, path)
     if rt.scaler is not None and "scaler" in ckpt:
         rt.scaler.load_state_dict(ckpt["scaler"])
     if "rng" in ckpt:
@@ -363,6 +402,9 @@ class Loop:
     ckpt_dir: Path
     spec: dict
     tracker: object
+    run_id: str = ""
+    best_epoch: int | None = None  # the epoch ckpt_best.pth holds
+    history: list = None  # this run's summary rows so far, kept in each checkpoint (resume.repair)
 
 
 def train(loop: Loop, start_epoch: int, best_acc1: float) -> dict:
@@ -377,8 +419,11 @@ def train(loop: Loop, start_epoch: int, best_acc1: float) -> dict:
         is_best = saves and row["val_top1"] > best_acc1
         if saves:
             best_acc1 = max(best_acc1, row["val_top1"])
+        if is_best:
+            loop.best_epoch = epoch
         if run.mode == "free":
             row["searches"] = len(run.searches)
+        loop.history = (loop.history or []) + [row]
         if d.is_main:
             if saves:
                 result["saved"] += save_epoch(loop, epoch, best_acc1, is_best)
@@ -409,6 +454,7 @@ def train_and_evaluate_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
     searched = loop.run.end_of_epoch(epoch)  # -N: the projection into MESS form, before it is evaluated
     row.update(evaluate(loop.net, loop.val_loader, loop.criterion, loop.rt))
     row["seconds"] = round(time.time() - t0, 2)
+    row["run_id"] = loop.run_id  # last: the columns before it read as they always did
     return row, searched
 
 
@@ -416,7 +462,8 @@ def save_epoch(loop: Loop, epoch: int, best_acc1: float, is_best: bool) -> list[
     """The epoch's checkpoint (and the best one, when it is): what -R, -E and -T read back."""
     args, rt = loop.args, loop.rt
     state = loop.run.state()  # plain weights, mess/quant entry, and what -R needs
-    state.update({"arch": loop.spec, "epoch": epoch, "best_acc1": best_acc1,
+    state.update({"arch": loop.spec, "epoch": epoch, "best_acc1": best_acc1, "best_epoch": loop.best_epoch,
+                  "run_id": loop.run_id, "history": list(loop.history),
                   "optimizer": loop.optimizer.state_dict(),
                   "scheduler": {"sched": args.sched, "base_lr": args.lr, "epochs": args.epochs,
                                 "last_epoch": epoch},
@@ -424,8 +471,11 @@ def save_epoch(loop: Loop, epoch: int, best_acc1: float, is_best: bool) -> list[
     if rt.scaler is not None:  # fp16 loss scale: part of an exact resume
         state["scaler"] = rt.scaler.state_dict()
     epoch_name, best_name = loop.run.file_names(epoch)
+    # the best file first: a kill before the epoch file leaves the previous epoch file the newest, and
+    # -R from it runs this epoch again (bit for bit) and writes both; the other order could leave a best
+    # file older than the newest epoch file's best epoch (resume.repair mends that)
     saved = [loop.ckpt_dir / epoch_name] + ([loop.ckpt_dir / best_name] if is_best else [])
-    for p in saved:
+    for p in reversed(saved):
         save_checkpoint(state, p)
     return saved
 

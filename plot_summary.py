@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from utils import UserError, run_cli
 
 PANELS = (("loss", "train_loss", "val_loss"), ("top-1 (%)", "train_top1", "val_top1"))
 METRICS = tuple(m for _, *ms in PANELS for m in ms)
+MAX_EPOCH = 10**6  # far beyond any run; a larger one is a damaged table
 DPI = 100  # pixels = inches * DPI, so --width/--height are the PNG's exact size
 
 
@@ -46,13 +48,19 @@ def read_summary_csv(path: Path, label: str | None = None) -> list[Curve]:
         raise UserError(f"{path} is not a summary.csv of main.py (it has no 'epoch' column)")
     label = label or _label_for_csv(path)
     trainings: list[Curve] = []
+    run_id = None
     for r in rows:
         try:
-            epoch = int(float(r["epoch"]))
+            epoch = float(r["epoch"])
         except (TypeError, ValueError):
             raise UserError(f"{path}: bad epoch {r.get('epoch')!r}") from None
-        if not trainings or epoch == 1:
-            trainings.append(Curve(label))  # epoch 1 again: a new training from scratch
+        if not (math.isfinite(epoch) and epoch == int(epoch) and 1 <= epoch <= MAX_EPOCH):
+            raise UserError(f"{path}: bad epoch {r.get('epoch')!r} (a whole number from 1 to {MAX_EPOCH})")
+        epoch = int(epoch)
+        # a new training: another run's id, or (tables without run_id) epoch 1 again
+        if not trainings or epoch == 1 or (r.get("run_id") or None) != run_id:
+            trainings.append(Curve(label))
+        run_id = r.get("run_id") or None
         for m in METRICS:
             v = _number(r.get(m))
             if v is not None:
@@ -111,9 +119,10 @@ def collect(sources) -> list[Curve]:
 
 def _number(x):
     try:
-        return float(x)
+        v = float(x)
     except (TypeError, ValueError):
         return None
+    return v if math.isfinite(v) else None  # a diverged epoch (nan) is a gap in its curve, not an axis of inf
 
 
 def _label_for_csv(path: Path) -> str:

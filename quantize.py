@@ -15,14 +15,14 @@ from __future__ import annotations
 from config import BN_FLAGS, MESS_FLAGS, MODEL_FLAGS, OneLineParser, add_flags
 from find_similar_kernel import calibrate
 from mess.account import print_account, storage_account
-from mess.checkpoint import with_weights
+from mess.checkpoint import check_output_folder, checkpoint_writer, state_bytes, with_weights, write_together
 from mess.compress import rel_error
 from mess.names import packed_name, quantized_name
 from mess.packed_write import size_line, write_mess
 from mess.palette import check_palette, palettize
 from mess.quant import conv_layers, quantize_layers
 from mess.settings import check_bits
-from utils import UserError, load_model_checkpoint, run_cli, save_checkpoint
+from utils import UserError, load_model_checkpoint, run_cli
 
 
 def get_args_parser():
@@ -42,6 +42,8 @@ def main(args):
     else:
         check_palette(args.method, args.qb, args.granularity)
     model, ckpt, path = load_model_checkpoint(args)
+    # before the work: room beside the input for the checkpoint and its .mess (each at most float32 weights)
+    check_output_folder(path.parent, 2 * state_bytes(model), "the compressed checkpoint and its .mess")
     if "mess" in ckpt:
         raise UserError(f"{path} is a MESS checkpoint ({ckpt['mess'].get('version')}); quantize the "
                         f"float checkpoint it came from instead")
@@ -61,9 +63,9 @@ def main(args):
     bn = calibrate(args, model, sd)  # BatchNorm statistics of the quantized network (docs/design.md §8)
     out = with_weights(ckpt, sd, **entry, **bn)
     out_path = path.with_name(quantized_name(path.stem, args.qb, args.method, args.granularity))
-    save_checkpoint(out, out_path)
     mess_path = out_path.with_name(packed_name(out_path.name))
-    mess_bytes = write_mess(mess_path, out)
+    _, mess_bytes = write_together([(out_path, checkpoint_writer(out)),  # both, or neither
+                                    (mess_path, lambda tmp: write_mess(tmp, out))])
     account = storage_account(sd, quant=out.get("quant"), palette=out.get("palette"))
     rows = []
     for name in layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,33 @@ CKPT_ROOT = Path("checkpoint")
 
 
 def run_cli(main, parser, argv=None):
-    """Parse ``argv`` and run ``main(args)``, turning a ``UserError`` into exit code 2."""
+    """Parse ``argv`` and run ``main(args)``: a ``UserError`` or a file-system error (disk full, read-only
+    folder) is one line on stderr and exit code 2; Ctrl-C one line, then the process ends by SIGINT (exit
+    130) so that a calling shell loop stops too. Files already written stay whole either way (each is
+    written to a temporary file, then renamed)."""
     args = parser.parse_args(argv)
     try:
         return main(args)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # after the up-front checks (check_output_folder): the disk filled up meanwhile
+        print(f"{parser.prog}: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; the last checkpoint written is whole (-R resumes from it)",
+              file=sys.stderr)
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(130)  # where the signal did not end the process
+
+
+def os_error_line(e: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` as ``x: no space left on device``."""
+    what = (e.strerror or str(e)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -77,6 +98,10 @@ def check_arch(ckpt: dict, spec: dict, path) -> None:
 
     if any(theirs.get(k) != spec.get(k) for k in keys if k in theirs):
         raise UserError(f"{path} holds a {name(theirs)}, but this run builds a {name(spec)}")
+    # equal shapes, other classes: a network of one data set scores by chance on another's labels
+    if theirs.get("dataset") and spec.get("dataset") and theirs["dataset"] != spec["dataset"]:
+        raise UserError(f"{path} was trained on {theirs['dataset']}, but this run is on {spec['dataset']}; "
+                        f"give {theirs['dataset']} as the data set")
 
 
 def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
@@ -118,15 +143,40 @@ def load_model_checkpoint(args):
 
 
 def append_csv(path, rows: list[dict], fieldnames=None) -> None:
-    """Append rows to a CSV table, writing its header when the file is new."""
+    """Append rows to a CSV table, writing its header when the file is new. Rows with columns the header
+    lacks (a table of an earlier version, before run_id) rewrite the table with the wider header, atomically;
+    earlier rows get those columns empty."""
     path = Path(path)
-    new = not path.exists()
+    fields = list(fieldnames or rows[0])
+    for r in rows:
+        fields += [k for k in r if k not in fields]
     path.parent.mkdir(parents=True, exist_ok=True)
+    header = _csv_header(path)
+    if header is not None and not set(fields) <= set(header):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+        wide = header + [k for k in fields if k not in header]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=wide, restval="")
+                w.writeheader()
+                w.writerows(old + rows)
+        atomic_write(path, write)
+        return
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
-        if new:
+        w = csv.DictWriter(f, fieldnames=header or fields, restval="")
+        if header is None:
             w.writeheader()
         w.writerows(rows)
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.reader(f), None) or None
+    except FileNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------- devices

@@ -1,8 +1,12 @@
 """Checkpoint files: atomic writes, safe loads, unwrapped state_dicts (docs/design.md §4)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,23 +42,152 @@ def clean_state_dict(state_dict: dict) -> dict:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+_TMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+_PIDLESS_STALE_S = 3600  # temporary files of versions before the pid was in the name
+
+
+def clean_stale_tmp(folder, name: str | None = None) -> list[Path]:
+    """Remove the temporary files of ``atomic_write`` (``.NAME.PID.xxxxxxxx.tmp``) left in ``folder`` by a
+    process that is gone (SIGKILL, power loss), of target ``name`` or of any; returns those removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        m = _TMP.match(p.name)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        try:
+            if m["pid"] is not None:
+                if int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+                    continue
+            elif time.time() - p.stat().st_mtime < _PIDLESS_STALE_S:
+                continue
+            p.unlink()
+            removed.append(p)
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def atomic_write(path, write_fn):
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see half a file. The file gets
+    the mode the umask gives a new file (mkstemp's 0600 is for the temporary name only); stale temporary
+    files of ``path`` from a killed process are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_tmp(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, a folder made read-only meanwhile
+        _unlink(tmp)
+        kept = f"{path.name} is as it was" if path.exists() else f"{path.name} was not written"
+        raise UserError(f"cannot write {path}: {(e.strerror or str(e)).lower()}; {kept}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
 
 
+def write_together(writes) -> list:
+    """Files that belong together (a compressed checkpoint and its ``.mess``): ``writes`` is a list of
+    ``(path, write_fn)``; each ``write_fn(tmp)`` writes its file under a temporary name, and only when all
+    have succeeded are they renamed into place, so a failure leaves every old file as it was and no new
+    one. Returns what each ``write_fn`` returned."""
+    tmps, out = [], []
+    try:
+        for path, fn in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_tmp(path.parent, path.name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(tmp)
+            try:
+                out.append(fn(tmp))
+                os.chmod(tmp, 0o666 & ~_umask())
+            except OSError as e:
+                names = ", ".join(Path(p).name for p, _ in writes)
+                raise UserError(f"cannot write {path}: {(e.strerror or str(e)).lower()}; none of {names} was "
+                                f"written (files of those names already there are as they were)") from None
+        for (path, _), tmp in zip(writes, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            _unlink(tmp)  # those not renamed
+    return out
+
+
+def _unlink(p) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(p)
+
+
+def check_output_folder(folder, need_bytes: int = 0, what: str = "the output") -> None:
+    """Before the work starts: ``folder`` can be created and written, with ``need_bytes`` free in it;
+    otherwise a one-line ``UserError`` (rather than a failure after an epoch, or a half-done job)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder for {what}, {folder}: {e.strerror or e}") from None
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; {what} cannot be written there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {what} in {folder}: {e.strerror or e}") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise UserError(f"not enough free space for {what} in {folder}: {_mb(free)} free, {_mb(need_bytes)} "
+                        f"needed")
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s weights and buffers as they are held."""
+    tensors = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def save_checkpoint(obj: dict, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, checkpoint_writer(obj))
+
+
+def checkpoint_writer(obj: dict):
+    """``write_fn`` of ``atomic_write`` for a checkpoint."""
+    def write(tmp):
+        # through a Python file: a full disk is then an OSError (ENOSPC), not torch's opaque
+        # "unexpected pos" RuntimeError; fsync so that a power loss after the rename keeps the data
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
 
 
 def load_checkpoint(path) -> dict:
