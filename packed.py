@@ -13,8 +13,17 @@ from pathlib import Path
 
 from config import OneLineParser, add_flags
 from mess.packed_format import SUFFIX
+from mess.packed_read import read_mess
 from mess.packed_write import size_line, write_mess
-from utils import UserError, load_model, run_cli
+from utils import (
+    UserError,
+    build_model_from_args,
+    check_arch,
+    load_any_checkpoint,
+    load_state_dict_checked,
+    resolve_ckpt,
+    run_cli,
+)
 
 
 def get_args_parser():
@@ -27,10 +36,21 @@ def get_args_parser():
     return parser
 
 
+def load(args):
+    """``(ckpt, path)``: ``utils.load_model``, but a .mess file is read against the flags' model, so
+    that one declaring other tensors is refused before anything of it is decoded."""
+    model, spec, ckpt_dir = build_model_from_args(args)
+    path = resolve_ckpt(args.ckpt, ckpt_dir)
+    ckpt = read_mess(path, model=model) if path.suffix == SUFFIX else load_any_checkpoint(path)
+    check_arch(ckpt, spec, path)
+    load_state_dict_checked(model, ckpt["model"], path)
+    return ckpt, path
+
+
 def main(args):
     if not args.ckpt:
         raise UserError("--ckpt PATH is required: the checkpoint to pack, or a .mess file to check")
-    _, ckpt, path = load_model(args)  # a .mess file is read, validated and loaded into the model
+    ckpt, path = load(args)  # a .mess file is read, validated and loaded into the model
     if path.suffix == SUFFIX:
         if args.output:
             raise UserError(f"{path.name} is packed already; -o/--output applies to a checkpoint")

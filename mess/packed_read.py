@@ -4,27 +4,31 @@ The format: docs/packed-format.md.
 
 Checked in this order: the safetensors header (its length against the file, dtypes, shapes, offsets
 that tile the data exactly), the CRC-32 of metadata and data (so a damaged file reads as damaged),
-the format version, every tensor's shape and encoding against the metadata, the stream lengths
-against what the metadata implies, the decoded size (at most ``MAX_EXPANSION`` times the file);
-while decoding, every scale (finite) and every index (below its bank size). Any failure is one
-``UserError``.
+the format version, every tensor's name, shape and kind against the model (the caller's, and the one
+the file's ``arch`` builds), every tensor's encoding against the metadata, the stream lengths against
+what the metadata implies, the decoded size (what the model's tensors and the settings need, and at
+most ``MAX_EXPANSION`` times the file); while decoding, every allocation against that size, every
+scale (finite) and every index (below its bank size). Any failure is one ``UserError``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .bits import read_bits
 from .entry import Entry, LayerCode, PathEntry
 from .errors import UserError
-from .layers import put_vectors, reconstruct
 from .packed_format import (
     ARCH_KEYS,
     FORMAT,
@@ -42,7 +46,7 @@ from .packed_format import (
     parts,
     vectors_of,
 )
-from .settings import GRIDS, MAX_BITS, MIN_BITS, VERSION_SPECS, Version
+from .settings import GRIDS, MAX_BANK, MAX_BITS, MIN_BITS, VERSION_SPECS, Version
 
 
 # ---------------------------------------------------------------- plain-value checks
@@ -78,9 +82,11 @@ def _safetensors_header(read, size: int, name) -> tuple[dict, int]:
     if size < 8:
         fail(name, f"{size} bytes is too short for a {SUFFIX} file (truncated?)")
     (n,) = struct.unpack("<Q", read(0, 8))
-    if n > min(MAX_HEADER, size - 8):
+    if n > size - 8:
         fail(name, f"its header claims {n:,} bytes, but the file has {size:,} (truncated, or not a "
                    f"{SUFFIX} file)")
+    if n > MAX_HEADER:
+        fail(name, f"its header claims {n:,} bytes, more than the {MAX_HEADER:,} a {SUFFIX} header may take")
     try:
         header = json.loads(read(8, n).decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -228,7 +234,7 @@ def _check_path(kind: str, p, mess: dict, spec: Version, meta: dict, shapes: dic
     if learned is not None:
         if not (isinstance(learned, list) and len(learned) == 2):
             fail(name, f"bad learned bank of the {kind} path")
-        rows = _int(learned[0], name, f"{kind} learned bank rows", 1, 2**16)
+        rows = _int(learned[0], name, f"{kind} learned bank rows", 1, MAX_BANK)  # --bank-size
         width = _int(learned[1], name, f"{kind} learned bank width", 1, 2**20)
         if width != (sizes[1] if sizes else (9 * bind if kind == "kernel" else bind)):
             fail(name, f"the {kind} path's learned bank rows are {width} long, its vectors are not")
@@ -278,19 +284,112 @@ def _check_item(t: list, paths: dict, quant, name, palette=None) -> PathInfo | N
     return None
 
 
-def _plan(meta_json: str, name) -> _Plan:
+# ---------------------------------------------------------------- the model the tensors belong to
+def _tensors_of(model) -> dict:
+    """{key: (shape, integer)} of a caller's model: an ``nn.Module`` or a state_dict."""
+    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TypeError("model must be an nn.Module or a state_dict of tensors")
+    return {k: (tuple(v.shape), not v.is_floating_point()) for k, v in sd.items()}
+
+
+class _NoFill(TorchFunctionMode):
+    """Initialisers skipped on meta tensors: there are no values to fill, and ``normal_`` on one loads
+    torch's Python meta kernels (~150 MB and 2 s, once per process)."""
+    FILLS = {"normal_", "uniform_", "fill_", "zero_", "zeros_", "ones_", "constant_", "kaiming_normal_",
+             "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "trunc_normal_", "orthogonal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor as a keyword
+        if getattr(func, "__name__", None) in self.FILLS and isinstance(t, torch.Tensor) and t.is_meta:
+            return t
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def _built(arch: tuple) -> tuple[Mapping, str]:
+    """(tensors, name) of the model an ``arch`` entry describes, built on the meta device: no memory, no
+    random numbers drawn. Raises whatever building raises."""
+    import models  # the suite's architectures, the package beside mess
+
+    a = dict(zip(ARCH_KEYS, arch))
+    with torch.device("meta"), _NoFill():
+        m = models.build_model(a["arch"], a["dataset"], a["layers"], a["width_mult"], a["bn"],
+                               a["num_classes"])
+    label = f"{models.model_name(a['arch'], a['layers'], a['width_mult'], a['bn'])} for {a['dataset']}"
+    return MappingProxyType(_tensors_of(m)), label
+
+
+def _declared(arch: dict, name, required: bool) -> tuple[Mapping, str] | None:
+    """(tensors, name) of the file's ``arch``; None when it cannot be built and the caller's model
+    (``required`` False) is the one the tensors are checked against."""
+    try:
+        return _built(tuple(arch[k] for k in ARCH_KEYS))
+    except Exception as e:  # an unknown name, depth or dataset, an absurd width: models raises many kinds
+        if not required:
+            return None
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        fail(name, f"it declares the architecture {arch['arch']!r:.40} (layers {arch['layers']}, width "
+                   f"{arch['width_mult']:g}, {arch['dataset']!r:.40}), which this MESS cannot build: {why}")
+
+
+def _check_model(tensors: list, ref: Mapping, what: str, name) -> None:
+    """Every tensor of the file is one of ``ref``'s, of its shape and kind, and none is missing: the
+    file decodes to that network and no other, so its decoded size is what that network needs."""
+    for t in tensors:
+        key, shape, enc = t[0], t[1], t[2]
+        if key.startswith(LEARNED_PREFIX):
+            continue  # a path's learned bank: no state_dict key, its size bounded by _check_path
+        want = ref.get(key)
+        if want is None:
+            fail(name, f"{key!r:.80} is no tensor of {what}")
+        if tuple(shape) != want[0]:
+            fail(name, f"{key} has shape {list(shape)}, but {what} has {list(want[0])}")
+        if (enc == "i64") != want[1]:
+            fail(name, f"{key} is stored as {enc!r}, but is {'an integer' if want[1] else 'a float'} "
+                       f"tensor in {what}")
+    present = {t[0] for t in tensors}
+    missing = [k for k in ref if k not in present]
+    if missing:
+        fail(name, f"it lacks {len(missing)} tensor(s) of {what} (e.g. {missing[0]})")
+
+
+def _check_against_model(meta: dict, model, name) -> None:
+    """The tensor list against the caller's model and the file's ``arch`` (docs/packed-format.md)."""
+    own = None if model is None else _tensors_of(model)
+    declared = None if meta.get("arch") is None else _declared(meta["arch"], name, own is None)
+    if own is not None and declared is not None and dict(declared[0]) != own:
+        diff = next(k for k in {**own, **declared[0]} if own.get(k) != declared[0].get(k))
+        fail(name, f"it declares a {declared[1]}, not the model it is read into (they differ in {diff})")
+    if own is not None:
+        _check_model(meta["tensors"], own, "the model it is read into", name)
+    elif declared is not None:
+        _check_model(meta["tensors"], declared[0], f"the {declared[1]} it declares", name)
+
+
+def _decoded_bytes(enc: str, shape, placed) -> int:
+    """Bytes the decoded results of one tensor take: the tensor (float32, or int64), and for a target its
+    int64 indices and float32 alphas and betas, for a palette its int64 indices and float32 LUT."""
+    out = (8 if enc == "i64" else 4) * math.prod(shape)
+    per = {"k": 8, "idx": 8, "alpha": 4, "beta": 4, "lut": 4}
+    return out + sum(per.get(part, 0) * count for part, _, _, count, _ in placed)
+
+
+def _plan(meta_json: str, name, model=None) -> _Plan:
     meta = _check_meta(meta_json, name)
     mess, paths, spec = meta.get("mess"), {}, None
     if mess is not None:
         spec = _check_entry(mess, name)
     shapes = _check_tensors(meta["tensors"], name)
+    _check_against_model(meta, model, name)
     if mess is not None:
         for kind in ("kernel", "pointwise"):
             if mess.get(kind) is not None:
                 paths[kind] = _check_path(kind, mess[kind], mess, spec, meta, shapes, name)
     # second pass: the parts, with offsets and the decoded size
     items, nf, nb = [], 0, 0
-    decoded = sum(4 * p.bank_size * p.vector_length for p in paths.values())
+    decoded = sum(4 * p.bank_size * p.vector_length for p in paths.values())  # the bank vectors
     mspec = None if mess is None else {"beta": spec.beta, "alpha_bits": mess.get("alpha_bits"),
                                        "beta_bits": mess.get("beta_bits")}
     for t in meta["tensors"]:
@@ -300,16 +399,12 @@ def _plan(meta_json: str, name) -> _Plan:
         placed = []
         for part, stream, count, width in parts(enc, shape, extra, path,
                                                 meta.get("palette") if enc == "pal" else mspec):
-            if part == "idx":
-                decoded += 8 * count
             placed.append((part, stream, nf if stream == "f" else nb, count, width))
             if stream == "f":
                 nf += count
             else:
                 nb += count * width
-        if path is not None:
-            decoded += 16 * vectors_of(shape, enc, path.bind)[0]  # k, alpha, beta
-        decoded += (8 if enc == "i64" else 4) * math.prod(shape)
+        decoded += _decoded_bytes(enc, shape, placed)
         items.append((key, tuple(shape), enc, extra, path, placed))
     for kind in paths:
         if not any(it[2] == kind for it in items):
@@ -318,15 +413,20 @@ def _plan(meta_json: str, name) -> _Plan:
 
 
 # ---------------------------------------------------------------- decoding
-def unpack(buf: bytes, name="<bytes>") -> dict:
+def unpack(buf: bytes, name="<bytes>", *, model=None) -> dict:
     """A checkpoint dict from ``.mess`` bytes (see ``read_mess``)."""
     view = memoryview(buf)
-    return _decode(lambda off, n: bytes(view[off:off + n]), len(buf), name)
+    return _decode(lambda off, n: bytes(view[off:off + n]), len(buf), name, model)
 
 
-def read_mess(path) -> dict:
+def read_mess(path, *, model=None) -> dict:
     """A checkpoint dict (``model``, ``arch``, ``mess`` or ``quant``) from a ``.mess`` file, validated as
-    this module's docstring says."""
+    this module's docstring says.
+
+    ``model`` (an ``nn.Module``, or a state_dict) is the network the file is meant for: every tensor the
+    file declares must be one of its tensors, of its shape, before anything is decoded. Without it, the
+    tensors are checked against the network the file's ``arch`` builds; a file without ``arch`` is bound
+    only by ``MAX_EXPANSION``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -334,7 +434,20 @@ def read_mess(path) -> dict:
         def read(off, n):
             f.seek(off)
             return f.read(n)
-        return _decode(read, path.stat().st_size, path)
+        return _decode(read, path.stat().st_size, path, model)
+
+
+class _Budget:
+    """The decoded bytes the plan allows, spent before each allocation of the decoder: a decoder that
+    strayed from the plan fails instead of allocating what the file does not describe."""
+
+    def __init__(self, total: int, name):
+        self.total, self.spent, self.name = total, 0, name
+
+    def take(self, nbytes: int, what: str) -> None:
+        if self.spent + nbytes > self.total:
+            fail(self.name, f"decoding {what} would pass the {self.total:,} bytes its metadata allows")
+        self.spent += nbytes
 
 
 class _Streams:
@@ -345,21 +458,29 @@ class _Streams:
         self.codes = np.frombuffer(raw_b, dtype=np.uint8)
         self.name = name
 
+    @staticmethod
+    def count(placed, want) -> int:
+        return next(p[3] for p in placed if p[0] == want)
+
     def values(self, placed, want):
         _, stream, off, count, width = next(p for p in placed if p[0] == want)
         if stream == "f":
             return self.floats[off:off + count]
         return read_bits(self.codes, off, count, width)
 
+    def indices(self, placed, want) -> np.ndarray:
+        return self.values(placed, want).view(np.int64)  # codes of at most 63 bits: the same values
+
     def dequant(self, placed, part, bits):
         slot = self.values(placed, f"{part}_scale")
         if not torch.isfinite(slot).all():
             fail(self.name, f"a non-finite scale ({part})")
-        q = self.values(placed, part).astype(np.int64) - 2 ** (bits - 1)
-        return torch.from_numpy(q.astype(np.float32)) * slot[0], float(slot[0])  # as linear_quantize does
+        q = self.indices(placed, part)
+        q -= 2 ** (bits - 1)
+        return torch.from_numpy(q.astype(np.float32)).mul_(slot[0]), float(slot[0])  # as linear_quantize does
 
 
-def _open(read, size: int, name) -> tuple[_Plan, _Streams, int]:
+def _open(read, size: int, name, model) -> tuple[_Plan, _Streams, int]:
     """The validated plan and the streams of a file, checked against each other."""
     header, start = _safetensors_header(read, size, name)
     # the file's own bytes (no more than its size), checked first: corruption reads as corruption
@@ -371,7 +492,7 @@ def _open(read, size: int, name) -> tuple[_Plan, _Streams, int]:
     crc = zlib.crc32(raw_b, zlib.crc32(raw_f, zlib.crc32(header["__metadata__"]["mess"].encode())))
     if f"{crc:08x}" != header["__metadata__"]["crc32"]:
         fail(name, "checksum mismatch (the file is corrupt)")
-    plan = _plan(header["__metadata__"]["mess"], name)
+    plan = _plan(header["__metadata__"]["mess"], name, model)
     if n_f32 != plan.n_floats or n_u8 != (plan.n_bits + 7) // 8:
         fail(name, f"its data holds {n_f32:,} floats and {n_u8:,} code bytes, but its metadata describes "
                    f"{plan.n_floats:,} and {(plan.n_bits + 7) // 8:,} (truncated or corrupt)")
@@ -384,32 +505,47 @@ def _open(read, size: int, name) -> tuple[_Plan, _Streams, int]:
     return plan, streams, start
 
 
-def _decode_target(key, shape, p: PathInfo, placed, bank: torch.Tensor, m: dict, s: _Streams):
+def _decode_target(key, shape, p: PathInfo, placed, bank: torch.Tensor, m: dict, s: _Streams, b: _Budget):
     """(weight, layer code) of one MESS target."""
-    k = s.values(placed, "k")
+    n = s.count(placed, "k")
+    b.take(8 * n, f"the indices of {key}")
+    k = s.indices(placed, "k")
     if k.size and int(k.max()) >= p.bank_size:
         fail(s.name, f"{key}: index {int(k.max())} outside the bank of {p.bank_size}")
-    k = torch.from_numpy(k.astype(np.int64))
+    k = torch.from_numpy(k)
     ab, bb = m.get("alpha_bits"), m.get("beta_bits")
+    b.take(4 * n, f"the alphas of {key}")
     alpha, sa = s.dequant(placed, "alpha", ab) if ab else (s.values(placed, "alpha").clone(), None)
     beta = sb = None
     if any(x[0] == "beta" for x in placed):
+        b.take(4 * n, f"the betas of {key}")
         beta, sb = s.dequant(placed, "beta", bb) if bb else (s.values(placed, "beta").clone(), None)
-    template = torch.zeros(shape)
-    if any(x[0] == "rest" for x in placed):
-        w = template.reshape(shape[0], -1)
-        w[:, w.shape[1] // p.bind * p.bind:] = s.values(placed, "rest").reshape(shape[0], -1)
-    weight = put_vectors(template, reconstruct(bank, k, alpha, beta), p.kind, p.bind)
+    b.take(4 * math.prod(shape), key)
+    # reconstruct()'s alpha * bank[k] + beta in place: products and sums commute bit for bit, and the
+    # weight is one tensor instead of four (bank[k], the product, the sum, put_vectors' copy)
+    vec = bank[k].mul_(alpha[:, None])
+    if beta is not None:
+        vec.add_(beta[:, None])
+    if not any(x[0] == "rest" for x in placed):
+        weight = vec.reshape(shape)
+    else:  # put_vectors: the first whole windows of each row, then the remainder
+        weight = torch.empty(shape)
+        w = weight.view(shape[0], -1)
+        cut = w.shape[1] // p.bind * p.bind
+        w[:, :cut] = vec.reshape(shape[0], cut)
+        w[:, cut:] = s.values(placed, "rest").reshape(shape[0], -1)
     return weight, LayerCode(k, alpha, beta, sa, sb, None)
 
 
-def _decode_palette(shape, bits: int, placed, pal: dict, s: _Streams):
+def _decode_palette(key, shape, bits: int, placed, pal: dict, s: _Streams, b: _Budget):
     """(weight, PaletteLayer) of one palettized conv: float16 LUT values from their bit patterns."""
     from .palette import PaletteLayer
+    b.take(4 * s.count(placed, "lut"), f"the palette of {key}")
     lut = torch.from_numpy(s.values(placed, "lut").astype(np.uint16).view(np.float16).astype(np.float32))
     if not torch.isfinite(lut).all():
         fail(s.name, "a non-finite palette value")
-    idx = torch.from_numpy(s.values(placed, "idx").astype(np.int64))
+    b.take(8 * s.count(placed, "idx"), f"the indices of {key}")
+    idx = torch.from_numpy(s.indices(placed, "idx"))
     k = 2 ** bits
     if pal["method"] == "vq":
         layer = PaletteLayer(idx, lut.reshape(k, 9))
@@ -417,24 +553,29 @@ def _decode_palette(shape, bits: int, placed, pal: dict, s: _Streams):
         layer = PaletteLayer(idx.reshape(shape), lut.reshape(shape[0], k))
     else:
         layer = PaletteLayer(idx.reshape(shape), lut)
+    b.take(4 * math.prod(shape), key)
     return layer.decode(shape, pal["method"], pal["granularity"]), layer
 
 
-def _decode(read, size: int, name) -> dict:
-    plan, s, start = _open(read, size, name)
+def _decode(read, size: int, name, model=None) -> dict:
+    plan, s, start = _open(read, size, name, model)
+    b = _Budget(plan.decoded_bytes, name)
     sd, scales, targets, palette = {}, {}, [], {}
     for key, shape, enc, extra, path, placed in plan.items:
         if enc == "f32":
+            b.take(4 * math.prod(shape), key)
             sd[key] = s.values(placed, "values").clone().reshape(shape)
             scales[key] = None
         elif enc == "i64":
+            b.take(8 * math.prod(shape), key)
             sd[key] = torch.tensor(extra, dtype=torch.int64).reshape(shape)
         elif enc == "q":
+            b.take(4 * math.prod(shape), key)
             w, scales[key] = s.dequant(placed, "codes", extra)
             sd[key] = w.reshape(shape)
         elif enc == "pal":
-            sd[key], palette[key[:-len(".weight")]] = _decode_palette(shape, extra, placed,
-                                                                      plan.meta["palette"], s)
+            sd[key], palette[key[:-len(".weight")]] = _decode_palette(key, shape, extra, placed,
+                                                                      plan.meta["palette"], s, b)
         else:
             sd[key] = None  # rebuilt below, once every bank is decoded
             targets.append((key, shape, path, placed))
@@ -453,9 +594,10 @@ def _decode(read, size: int, name) -> dict:
             if lk in sd:
                 path.learned, path.learned_scale = sd.pop(lk), scales.pop(lk)
             setattr(entry, kind, path)
+            b.take(4 * p.bank_size * p.vector_length, f"the {kind} bank")
             banks[kind] = path.bank_vectors(sd)
         for key, shape, p, placed in targets:
-            sd[key], code = _decode_target(key, shape, p, placed, banks[p.kind], m, s)
+            sd[key], code = _decode_target(key, shape, p, placed, banks[p.kind], m, s, b)
             getattr(entry, p.kind).layers[key[:-len(".weight")]] = code
         ckpt["mess"] = entry.to_dict()
     if plan.meta.get("quant") is not None:
@@ -465,5 +607,6 @@ def _decode(read, size: int, name) -> dict:
     if plan.meta.get("palette") is not None:
         p = plan.meta["palette"]
         ckpt["palette"] = {**p, "layers": {n: {"idx": x.idx, "lut": x.lut} for n, x in palette.items()}}
-    ckpt["packed"] = {"bytes": size, "header_bytes": start, "floats": plan.n_floats, "code_bits": plan.n_bits}
+    ckpt["packed"] = {"bytes": size, "header_bytes": start, "floats": plan.n_floats, "code_bits": plan.n_bits,
+                      "decoded_bytes": b.spent}
     return ckpt

@@ -207,7 +207,10 @@ def write_mess(path, ckpt: dict) -> int:
     (docs/design.md §4) is refused with a ``UserError`` rather than packed into another network.
     """
     buf = pack(ckpt)
-    back = unpack(buf, Path(path).name)["model"]
+    try:  # read back as a caller with this model reads it: every tensor checked against it and the arch
+        back = unpack(buf, Path(path).name, model=ckpt["model"])["model"]
+    except UserError as e:  # e.g. an arch entry that builds another network: no reader would take the file
+        raise UserError(f"cannot pack {Path(path).name}, the file would not read back: {e}") from None
     for key, v in ckpt["model"].items():
         if not same(back[key], v.detach().cpu()):
             raise UserError(f"cannot pack {key}: it differs from what its MESS entry rebuilds "

@@ -5,15 +5,18 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, run_main
+from conftest import DIGITS, ROOT, assert_user_error, run_cli, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +74,18 @@ def logits(arch, sd, x):
     m.load_state_dict(sd)
     with torch.no_grad():
         return m.eval()(x)
+
+
+def decoded_bytes(back):
+    """Bytes of what decoding a .mess file made: its tensors, each path's bank vectors and target codes."""
+    n = sum(v.numel() * v.element_size() for v in back["model"].values())
+    for kind in ("kernel", "pointwise"):
+        p = back["mess"][kind]
+        if p:
+            n += 4 * p["bank_size"] * p["vector_length"]
+            n += sum(sum(e[x].numel() * e[x].element_size() for x in ("k", "alpha", "beta") if x in e)
+                     for e in p["layers"].values())
+    return n
 
 
 def assert_same_ckpt(back, ck):
@@ -161,6 +176,7 @@ def test_round_trip_logits_and_size(one_thread, arch, version, fc):
     assert back["arch"] == ck["arch"] and back["epoch"] == 3
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(arch, back["model"], x), logits(arch, ck["model"], x))
+    assert back["packed"]["decoded_bytes"] == decoded_bytes(back)  # the bound counts what decoding makes
     # size: exactly the account's bits in whole bytes after a header that does not grow with the weights
     acc = storage_account(ck["model"], mess)
     header = back["packed"]["header_bytes"]
@@ -231,6 +247,10 @@ def test_writer_refuses_a_checkpoint_that_breaks_the_contract(tmp_path):
         write_mess(out, bad)
     with pytest.raises(UserError, match="float64"):
         write_mess(out, {"model": {"w": torch.zeros(3, dtype=torch.float64)}})
+    with pytest.raises(UserError, match="cannot pack x.mess, the file would not read back: .* it declares a "
+                                        r"resnet32_w0.25 for cifar10, not the model it is read into \(they "
+                                        "differ in layer1.3.conv1.weight"):
+        write_mess(out, {**ck, "arch": {**ck["arch"], "layers": 32}})  # no reader would take that file
     assert list(tmp_path.iterdir()) == []
     assert write_mess(out, ck) == out.stat().st_size
 
@@ -378,7 +398,13 @@ HOSTILE = [
     ("bind", dict(meta_fn=_set(["mess", "kernel", "bind"], 10**9)), "bad kernel bind size"),
     ("bank size", dict(meta_fn=_set(["mess", "kernel", "bank_size"], 13)), "bank_size 13"),
     ("huge shape", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [2**40, 2**40])),
+     r"bn1.weight has shape \[1099511627776, 1099511627776\], but the resnet20_w0.25 for cifar10 it declares "
+     r"has \[4\]"),
+    ("huge shape, no arch", dict(meta_fn=lambda m: (m.__setitem__("arch", None),
+                                                   m["tensors"][1].__setitem__(1, [2**40, 2**40]))),
      "truncated or corrupt"),
+    ("big header", dict(meta_fn=_set(["mess", "args", "x"], "a" * 2**20)),
+     r"header claims 1,0\d\d,\d\d\d bytes, more than the 1,048,576"),
     ("negative dim", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [-4])), "bad shape"),
     ("many dims", dict(meta_fn=lambda m: m["tensors"][1].__setitem__(1, [1] * 9)), "bad tensor entry"),
     ("ints", dict(meta_fn=lambda m: next(t for t in m["tensors"] if t[2] == "i64").__setitem__(3, [1, 2])),
@@ -413,6 +439,153 @@ def test_header_length_and_decoded_size_are_bounded(monkeypatch):
         unpack(buf)
     with pytest.raises(UserError, match="not valid JSON"):
         unpack(forge(buf, header_fn=lambda h: h).replace(b'"F32"', b'NaN  '))
+
+
+# ---------------------------------------------------------------- a small file declaring a big network
+def consistent(meta):
+    """The .mess bytes of ``meta`` with streams as long as it describes, every value and code zero."""
+    from safetensors.numpy import save
+    plan = packed_read._plan(json.dumps({**meta, "arch": None}), "x")  # the lengths, whatever the model
+    f32, bits = np.zeros(plan.n_floats, "<f4"), np.zeros((plan.n_bits + 7) // 8, np.uint8)
+    mj = json.dumps(meta)
+    crc = zlib.crc32(bits.tobytes(), zlib.crc32(f32.tobytes(), zlib.crc32(mj.encode())))
+    return save({"f32": f32, "bits": bits}, metadata={"mess": mj, "crc32": f"{crc:08x}"})
+
+
+def meta_of(buf):
+    (n,) = struct.unpack("<Q", buf[:8])
+    return json.loads(json.loads(buf[8:8 + n])["__metadata__"]["mess"])
+
+
+_V2NB = {}
+
+
+def v2nb_file():
+    """(.mess bytes, model) of a digits ResNet-20 at width 0.25 in v2nb with 2-bit alphas (tests/conftest.py
+    DIGITS): the version whose codes are the fewest bits per decoded value."""
+    if not _V2NB:
+        m = make_model("resnet", dataset="digits")
+        c = compress(m, "v2nb", arch="resnet", pw_bind_size=2, qba=2)
+        _V2NB.update(buf=pack({"model": c.state_dict, "mess": c.entry.to_dict(),
+                               "arch": spec("resnet", dataset="digits")}), model=m)
+    return _V2NB["buf"], _V2NB["model"]
+
+
+def inflated(buf, L=250, rows=1024, windows=1024, arch=True):
+    """The file of the issue: the pointwise bank turned into one vector of ``L`` values and a target into
+    ``rows x windows`` vectors of it, 2 bits each, so that 250 KB decode to 1 GB (the reader used to take
+    3.5 GB for it); every check of the format passes, only the shapes are not the model's."""
+    meta = meta_of(buf)
+    p = meta["mess"]["pointwise"]
+    p.update(bind=L, vector_length=L, bank_size=1, index_bits=0)
+    for t in meta["tensors"]:
+        if t[0] == f"{p['bank']}.weight":
+            t[1] = [1, L, 1, 1]
+        if t[0] == "layer3.0.downsample.0.weight":
+            t[1] = [rows, L * windows, 1, 1]
+    if not arch:
+        meta["arch"] = None
+    return consistent(meta)
+
+
+def test_tensors_are_checked_against_the_model():
+    buf, model = v2nb_file()
+    back = unpack(buf, model=model)
+    assert all(same(back["model"][k], v) for k, v in unpack(buf)["model"].items())
+    bad = {  # every one of these read before: nothing but the model says they are wrong
+        "extra": lambda m: m["tensors"].append(["evil.weight", [3, 3], "f32"]),
+        "missing": lambda m: m["tensors"].pop(1),
+        "kind": lambda m: next(t for t in m["tensors"] if t[2] == "i64").__setitem__(slice(2, 4), ["f32"]),
+        "other arch": _set(["arch", "layers"], 32),
+        "unknown arch": _set(["arch", "arch"], "resnet9000"),
+    }
+    want = {"extra": ("'evil.weight' is no tensor of the resnet20_w0.25 for digits it declares",
+                      "'evil.weight' is no tensor of the model it is read into"),
+            "missing": ("it lacks 1 tensor(s) of the resnet20_w0.25 for digits it declares (e.g. bn1.weight)",
+                        "it lacks 1 tensor(s) of the model it is read into (e.g. bn1.weight)"),
+            "kind": ("bn1.num_batches_tracked is stored as 'f32', but is an integer tensor in the resnet20",
+                     "bn1.num_batches_tracked is stored as 'f32', but is an integer tensor in the model"),
+            "other arch": ("it lacks 72 tensor(s) of the resnet32_w0.25 for digits it declares (e.g. layer",
+                           "it declares a resnet32_w0.25 for digits, not the model it is read into"),
+            "unknown arch": ("it declares the architecture 'resnet9000' (layers 20, width 0.25, 'digits'), "
+                             "which this MESS cannot build: unknown architecture", None)}
+    for what, fn in bad.items():
+        meta = meta_of(buf)
+        fn(meta)
+        data = consistent(meta)
+        for needle, kw in zip(want[what], ({}, {"model": model})):
+            if needle is None:  # the caller's model decides: a file of an architecture of its own reads
+                assert unpack(data, **kw)["arch"]["arch"] == "resnet9000"
+                continue
+            with pytest.raises(UserError, match="^cannot read <bytes>: " + re.escape(needle)):
+                unpack(data, **kw)
+
+
+MEASURE = """
+import json, os, resource, sys
+import models, torch  # what any reader has imported before it reads
+from mess.errors import UserError
+from mess.packed_read import read_mess
+path, with_model = sys.argv[1], sys.argv[2] == "model"
+model = models.build_model("resnet", "digits", 20, 0.25) if with_model else None
+# a reader that tried to allocate GBs fails here instead of taking the machine's memory
+vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_mess(path, **({"model": model} if with_model else {}))
+    result = "read"
+except UserError as e:
+    result = str(e)
+except (MemoryError, RuntimeError) as e:
+    result = type(e).__name__ + ": " + str(e)[:200]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before": before * 1024, "peak": peak * 1024, "result": result}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc and ru_maxrss in KiB")
+def test_a_small_file_of_a_big_network_is_refused_in_little_memory(tmp_path):
+    """The issue's 250 KB file that decoded to 1 GB (3.5 GB at its peak) is refused before anything is
+    decoded, with the peak memory of reading it under twice that of reading the real file: each read in a
+    fresh process (ru_maxrss is a process's peak), against the declared arch or the caller's model."""
+    buf, _ = v2nb_file()
+    files = {"real": buf, "hostile": inflated(buf), "hostile, no arch": inflated(buf, arch=False)}
+    assert 240_000 < len(files["hostile"]) < 300_000
+    plan = packed_read._plan(json.dumps({**meta_of(files["hostile"]), "arch": None}), "x")
+    assert plan.decoded_bytes > 10**9
+    for name, data in files.items():
+        (tmp_path / f"{name}.mess").write_bytes(data)
+    runs = {("real", "arch"), ("hostile", "arch"), ("real", "model"), ("hostile, no arch", "model")}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    procs = {r: subprocess.Popen([sys.executable, "-c", MEASURE, str(tmp_path / f"{r[0]}.mess"), r[1]],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in sorted(runs)}
+    out = {}
+    for r, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        out[r] = json.loads(stdout)
+    for mode, hostile, where in (("arch", "hostile", "the resnet20_w0.25 for digits it declares"),
+                                 ("model", "hostile, no arch", "the model it is read into")):
+        real, bad = out[("real", mode)], out[(hostile, mode)]
+        assert real["result"] == "read"
+        assert bad["result"] == (f"cannot read {tmp_path / hostile}.mess: layer2.0.downsample.0.weight has "
+                                 f"shape [1, 250, 1, 1], but {where} has [8, 4, 1, 1]")
+        assert bad["peak"] < 2 * real["peak"], (mode, out)
+        # and what the read itself adds (the imports are most of a process's peak); 4 MiB of allocator noise
+        assert bad["peak"] - bad["before"] < 2 * (real["peak"] - real["before"]) + 4 * 2**20, (mode, out)
+
+
+def test_packed_cli_refuses_a_small_file_of_a_big_network(tmp_path):
+    """packed.py reads a .mess file against the model of its flags: without an arch entry to check it by,
+    the file of the issue is refused by the model's shapes, one line and exit code 2."""
+    buf, _ = v2nb_file()
+    (tmp_path / "x.mess").write_bytes(inflated(buf, arch=False))
+    rc, _, err = run_cli("packed.py", *DIGITS, "--ckpt", tmp_path / "x.mess", cwd=tmp_path)
+    assert_user_error(rc, err, "x.mess: layer2.0.downsample.0.weight has shape [1, 250, 1, 1], but the model "
+                               "it is read into has [8, 4, 1, 1]")
 
 
 # ---------------------------------------------------------------- fuzzing
@@ -515,3 +688,63 @@ def test_fuzz_hostile_metadata(data):
         except UserError as e:
             assert "\n" not in str(e)
     assert time.perf_counter() - t < 10
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory (VmHWM); False where Linux does not let us."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+
+
+def peak_of(fn) -> int:
+    """Bytes of resident memory ``fn()`` adds at its peak (raises what ``fn`` raises)."""
+    _reset_peak()
+    before = _memory("VmRSS")
+    fn()
+    return _memory("VmHWM") - before
+
+
+_REAL_PEAK = {}
+
+
+@pytest.mark.skipif(not _reset_peak(), reason="needs Linux /proc/self/clear_refs to measure peak memory")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_inflated_shapes(data):
+    """The issue's case fuzzed, with memory measured: the pointwise bank and a target reshaped into
+    ``L``-long vectors of 2 bits, or a kernel target given more output channels, the streams as long as
+    that says; with the arch entry, or without it and read into the model. Refused, before the decoding,
+    with the peak memory of the read under twice that of reading the real file (8 MiB of allocator noise)."""
+    buf, model = v2nb_file()
+    with_arch = data.draw(st.booleans())
+    if data.draw(st.booleans()):
+        bad = inflated(buf, data.draw(st.integers(1, 256)), data.draw(st.integers(1, 1024)),
+                       data.draw(st.integers(1, 256)), arch=with_arch)
+    else:
+        meta = meta_of(buf)
+        target = data.draw(st.sampled_from([t for t in meta["tensors"] if t[2] == "kernel"]))
+        target[1][0] *= data.draw(st.integers(2, 4096))
+        if not with_arch:
+            meta["arch"] = None
+        bad = consistent(meta)
+    kw = {} if with_arch else {"model": model}
+    if with_arch not in _REAL_PEAK:
+        _REAL_PEAK[with_arch] = peak_of(lambda: unpack(buf, **kw))
+    t = time.perf_counter()
+    with address_space_cap(512 * 2**20):
+        def read():
+            with pytest.raises(UserError, match="has shape") as e:
+                unpack(bad, **kw)
+            assert "\n" not in str(e.value)
+        peak = peak_of(read)
+    assert time.perf_counter() - t < 10
+    assert peak < 2 * _REAL_PEAK[with_arch] + 8 * 2**20, (peak, _REAL_PEAK)
