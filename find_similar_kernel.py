@@ -22,7 +22,7 @@ from mess.compress import compress
 from mess.names import compressed_name, packed_name
 from mess.packed_write import size_line, write_mess
 from mess.settings import Settings
-from utils import UserError, load_model_checkpoint, run_cli, select_device
+from utils import UserError, build_declared, load_model_checkpoint, run_cli, select_device
 
 
 def get_args_parser():
@@ -77,7 +77,7 @@ def main(args):
     mess_path = out_path.with_name(packed_name(name))
     # the packed network beside the checkpoint: both written, or neither (and the old ones kept)
     _, mess_bytes = write_together([(out_path, checkpoint_writer(out)),
-                                    (mess_path, lambda tmp: write_mess(tmp, out))])
+                                    (mess_path, lambda tmp: write_mess(tmp, out, build=build_declared))])
     account = storage_account(c.state_dict, c.entry)
     n_targets = sum(r["targets"] or 0 for r in c.rows)
     print_account(account, c.rows, title=f"MESS {settings.version}: {path.name}")

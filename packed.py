@@ -12,18 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from config import OneLineParser, add_flags
+from mess.checkpoint import check_output_folder, state_bytes
 from mess.packed_format import SUFFIX
-from mess.packed_read import read_mess
 from mess.packed_write import size_line, write_mess
-from utils import (
-    UserError,
-    build_model_from_args,
-    check_arch,
-    load_any_checkpoint,
-    load_state_dict_checked,
-    resolve_ckpt,
-    run_cli,
-)
+from utils import UserError, build_declared, load_model, run_cli
 
 
 def get_args_parser():
@@ -36,21 +28,10 @@ def get_args_parser():
     return parser
 
 
-def load(args):
-    """``(ckpt, path)``: ``utils.load_model``, but a .mess file is read against the flags' model, so
-    that one declaring other tensors is refused before anything of it is decoded."""
-    model, spec, ckpt_dir = build_model_from_args(args)
-    path = resolve_ckpt(args.ckpt, ckpt_dir)
-    ckpt = read_mess(path, model=model) if path.suffix == SUFFIX else load_any_checkpoint(path)
-    check_arch(ckpt, spec, path)
-    load_state_dict_checked(model, ckpt["model"], path)
-    return ckpt, path
-
-
 def main(args):
     if not args.ckpt:
         raise UserError("--ckpt PATH is required: the checkpoint to pack, or a .mess file to check")
-    ckpt, path = load(args)  # a .mess file is read, validated and loaded into the model
+    model, ckpt, path = load_model(args)  # a .mess file is read against the model, validated, loaded
     if path.suffix == SUFFIX:
         if args.output:
             raise UserError(f"{path.name} is packed already; -o/--output applies to a checkpoint")
@@ -59,7 +40,8 @@ def main(args):
         out = Path(args.output) if args.output else path.with_suffix(SUFFIX)
         if out.suffix != SUFFIX:
             raise UserError(f"-o/--output must end in {SUFFIX}, not {out.name!r}")
-        n = write_mess(out, ckpt)
+        check_output_folder(out.parent, state_bytes(model), out.name)  # at most the float32 weights
+        n = write_mess(out, ckpt, build=build_declared)
         print(f"wrote {out}")
     print(size_line(out, n, ckpt["model"]))
     return {"path": out, "bytes": n}

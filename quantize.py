@@ -22,7 +22,7 @@ from mess.packed_write import size_line, write_mess
 from mess.palette import check_palette, palettize
 from mess.quant import conv_layers, quantize_layers
 from mess.settings import check_bits
-from utils import UserError, load_model_checkpoint, run_cli
+from utils import UserError, build_declared, load_model_checkpoint, run_cli
 
 
 def get_args_parser():
@@ -65,7 +65,7 @@ def main(args):
     out_path = path.with_name(quantized_name(path.stem, args.qb, args.method, args.granularity))
     mess_path = out_path.with_name(packed_name(out_path.name))
     _, mess_bytes = write_together([(out_path, checkpoint_writer(out)),  # both, or neither
-                                    (mess_path, lambda tmp: write_mess(tmp, out))])
+                                    (mess_path, lambda tmp: write_mess(tmp, out, build=build_declared))])
     account = storage_account(sd, quant=out.get("quant"), palette=out.get("palette"))
     rows = []
     for name in layers:

@@ -28,12 +28,11 @@ EXTEND = frozenset({"epochs", "ckpt_dir"})
 
 
 def flag_name(dest: str) -> str:
-    names = FLAGS[dest][0] if dest in FLAGS else (f"--{dest.replace('_', '-')}",)
-    return next((n for n in names if n.startswith("--")), names[0])
+    return FLAGS[dest][0][0] if dest in FLAGS else f"--{dest.replace('_', '-')}"  # the original's spelling
 
 
 def _show(dest: str, value) -> str:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or value is None:
         return flag_name(dest) if value else f"no {flag_name(dest)}"
     if isinstance(value, (list, tuple)):
         value = " ".join(map(str, value))

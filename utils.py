@@ -34,6 +34,9 @@ def run_cli(main, parser, argv=None):
     130) so that a calling shell loop stops too. Files already written stay whole either way (each is
     written to a temporary file, then renamed)."""
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so that a file being written is removed
+    # rather than left as a hidden temporary one
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(args)
     except UserError as e:
@@ -49,6 +52,11 @@ def run_cli(main, parser, argv=None):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         sys.exit(130)  # where the signal did not end the process
+
+
+def _terminated(signum, frame):
+    print("terminated (SIGTERM); the last checkpoint written is whole", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
 
 
 def os_error_line(e: OSError) -> str:
@@ -112,9 +120,23 @@ def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
     return ckpt_dir / p
 
 
-def load_any_checkpoint(path) -> dict:
-    """``read_mess`` for a ``.mess`` file, ``load_checkpoint`` for anything else."""
-    return read_mess(path) if str(path).endswith(PACKED_SUFFIX) else load_checkpoint(path)
+def build_declared(arch: dict):
+    """``(model, name)`` of a checkpoint's ``arch`` entry: the ``build`` of ``mess.packed_read.read_mess``
+    and ``write_mess``, so that a .mess file's tensors are checked against the network it declares."""
+    import models
+    m = models.build_model(arch["arch"], arch["dataset"], arch["layers"], arch["width_mult"], arch["bn"],
+                           arch["num_classes"])
+    name = models.model_name(arch["arch"], arch["layers"], arch["width_mult"], arch["bn"])
+    return m, f"{name} for {arch['dataset']}"
+
+
+def load_any_checkpoint(path, model=None) -> dict:
+    """``read_mess`` for a ``.mess`` file (against ``model``'s tensors where given, and the network its
+    ``arch`` declares, so that a file declaring others is refused before anything of it is decoded),
+    ``load_checkpoint`` for anything else."""
+    if str(path).endswith(PACKED_SUFFIX):
+        return read_mess(path, model=model, build=build_declared)
+    return load_checkpoint(path)
 
 
 def load_model(args):
@@ -125,7 +147,7 @@ def load_model(args):
     if not args.ckpt:
         return model, {"model": model.state_dict(), "arch": spec}, None
     path = resolve_ckpt(args.ckpt, ckpt_dir)
-    ckpt = load_any_checkpoint(path)
+    ckpt = load_any_checkpoint(path, model)
     check_arch(ckpt, spec, path)
     load_state_dict_checked(model, ckpt["model"], path)
     return model, ckpt, path

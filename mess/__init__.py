@@ -56,7 +56,7 @@ def save(c: Compressed | dict, path) -> int:
 def load(path, model: nn.Module | None = None) -> Compressed:
     """Read a ``.mess`` file (or a ``.pth`` checkpoint) and, given ``model``, load its weights into it
     (every key and shape checked). The architecture comes from the caller: the file holds weights."""
-    ckpt = read_mess(path) if str(path).endswith(SUFFIX) else load_checkpoint(path)
+    ckpt = read_mess(path, model=model) if str(path).endswith(SUFFIX) else load_checkpoint(path)
     if model is not None:
         load_state_dict_checked(model, ckpt["model"], path)
     entry = Entry.from_dict(ckpt["mess"]) if ckpt.get("mess") else None

@@ -12,19 +12,15 @@ scale (finite) and every index (below its bank size). Any failure is one ``UserE
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from .bits import read_bits
 from .entry import Entry, LayerCode, PathEntry
@@ -46,6 +42,7 @@ from .packed_format import (
     parts,
     vectors_of,
 )
+from .packed_model import check_against_model
 from .settings import GRIDS, MAX_BANK, MAX_BITS, MIN_BITS, VERSION_SPECS, Version
 
 
@@ -284,90 +281,6 @@ def _check_item(t: list, paths: dict, quant, name, palette=None) -> PathInfo | N
     return None
 
 
-# ---------------------------------------------------------------- the model the tensors belong to
-def _tensors_of(model) -> dict:
-    """{key: (shape, integer)} of a caller's model: an ``nn.Module`` or a state_dict."""
-    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TypeError("model must be an nn.Module or a state_dict of tensors")
-    return {k: (tuple(v.shape), not v.is_floating_point()) for k, v in sd.items()}
-
-
-class _NoFill(TorchFunctionMode):
-    """Initialisers skipped on meta tensors: there are no values to fill, and ``normal_`` on one loads
-    torch's Python meta kernels (~150 MB and 2 s, once per process)."""
-    FILLS = {"normal_", "uniform_", "fill_", "zero_", "zeros_", "ones_", "constant_", "kaiming_normal_",
-             "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "trunc_normal_", "orthogonal_"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        t = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor as a keyword
-        if getattr(func, "__name__", None) in self.FILLS and isinstance(t, torch.Tensor) and t.is_meta:
-            return t
-        return func(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=16)
-def _built(arch: tuple) -> tuple[Mapping, str]:
-    """(tensors, name) of the model an ``arch`` entry describes, built on the meta device: no memory, no
-    random numbers drawn. Raises whatever building raises."""
-    import models  # the suite's architectures, the package beside mess
-
-    a = dict(zip(ARCH_KEYS, arch))
-    with torch.device("meta"), _NoFill():
-        m = models.build_model(a["arch"], a["dataset"], a["layers"], a["width_mult"], a["bn"],
-                               a["num_classes"])
-    label = f"{models.model_name(a['arch'], a['layers'], a['width_mult'], a['bn'])} for {a['dataset']}"
-    return MappingProxyType(_tensors_of(m)), label
-
-
-def _declared(arch: dict, name, required: bool) -> tuple[Mapping, str] | None:
-    """(tensors, name) of the file's ``arch``; None when it cannot be built and the caller's model
-    (``required`` False) is the one the tensors are checked against."""
-    try:
-        return _built(tuple(arch[k] for k in ARCH_KEYS))
-    except Exception as e:  # an unknown name, depth or dataset, an absurd width: models raises many kinds
-        if not required:
-            return None
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        fail(name, f"it declares the architecture {arch['arch']!r:.40} (layers {arch['layers']}, width "
-                   f"{arch['width_mult']:g}, {arch['dataset']!r:.40}), which this MESS cannot build: {why}")
-
-
-def _check_model(tensors: list, ref: Mapping, what: str, name) -> None:
-    """Every tensor of the file is one of ``ref``'s, of its shape and kind, and none is missing: the
-    file decodes to that network and no other, so its decoded size is what that network needs."""
-    for t in tensors:
-        key, shape, enc = t[0], t[1], t[2]
-        if key.startswith(LEARNED_PREFIX):
-            continue  # a path's learned bank: no state_dict key, its size bounded by _check_path
-        want = ref.get(key)
-        if want is None:
-            fail(name, f"{key!r:.80} is no tensor of {what}")
-        if tuple(shape) != want[0]:
-            fail(name, f"{key} has shape {list(shape)}, but {what} has {list(want[0])}")
-        if (enc == "i64") != want[1]:
-            fail(name, f"{key} is stored as {enc!r}, but is {'an integer' if want[1] else 'a float'} "
-                       f"tensor in {what}")
-    present = {t[0] for t in tensors}
-    missing = [k for k in ref if k not in present]
-    if missing:
-        fail(name, f"it lacks {len(missing)} tensor(s) of {what} (e.g. {missing[0]})")
-
-
-def _check_against_model(meta: dict, model, name) -> None:
-    """The tensor list against the caller's model and the file's ``arch`` (docs/packed-format.md)."""
-    own = None if model is None else _tensors_of(model)
-    declared = None if meta.get("arch") is None else _declared(meta["arch"], name, own is None)
-    if own is not None and declared is not None and dict(declared[0]) != own:
-        diff = next(k for k in {**own, **declared[0]} if own.get(k) != declared[0].get(k))
-        fail(name, f"it declares a {declared[1]}, not the model it is read into (they differ in {diff})")
-    if own is not None:
-        _check_model(meta["tensors"], own, "the model it is read into", name)
-    elif declared is not None:
-        _check_model(meta["tensors"], declared[0], f"the {declared[1]} it declares", name)
-
-
 def _decoded_bytes(enc: str, shape, placed) -> int:
     """Bytes the decoded results of one tensor take: the tensor (float32, or int64), and for a target its
     int64 indices and float32 alphas and betas, for a palette its int64 indices and float32 LUT."""
@@ -376,13 +289,13 @@ def _decoded_bytes(enc: str, shape, placed) -> int:
     return out + sum(per.get(part, 0) * count for part, _, _, count, _ in placed)
 
 
-def _plan(meta_json: str, name, model=None) -> _Plan:
+def _plan(meta_json: str, name, model=None, build=None) -> _Plan:
     meta = _check_meta(meta_json, name)
     mess, paths, spec = meta.get("mess"), {}, None
     if mess is not None:
         spec = _check_entry(mess, name)
     shapes = _check_tensors(meta["tensors"], name)
-    _check_against_model(meta, model, name)
+    check_against_model(meta, model, build, name)
     if mess is not None:
         for kind in ("kernel", "pointwise"):
             if mess.get(kind) is not None:
@@ -413,20 +326,21 @@ def _plan(meta_json: str, name, model=None) -> _Plan:
 
 
 # ---------------------------------------------------------------- decoding
-def unpack(buf: bytes, name="<bytes>", *, model=None) -> dict:
+def unpack(buf: bytes, name="<bytes>", *, model=None, build=None) -> dict:
     """A checkpoint dict from ``.mess`` bytes (see ``read_mess``)."""
     view = memoryview(buf)
-    return _decode(lambda off, n: bytes(view[off:off + n]), len(buf), name, model)
+    return _decode(lambda off, n: bytes(view[off:off + n]), len(buf), name, model, build)
 
 
-def read_mess(path, *, model=None) -> dict:
+def read_mess(path, *, model=None, build=None) -> dict:
     """A checkpoint dict (``model``, ``arch``, ``mess`` or ``quant``) from a ``.mess`` file, validated as
     this module's docstring says.
 
     ``model`` (an ``nn.Module``, or a state_dict) is the network the file is meant for: every tensor the
-    file declares must be one of its tensors, of its shape, before anything is decoded. Without it, the
-    tensors are checked against the network the file's ``arch`` builds; a file without ``arch`` is bound
-    only by ``MAX_EXPANSION``."""
+    file declares must be one of its tensors, of its shape, before anything is decoded. ``build``
+    (``arch`` dict -> ``(nn.Module, name)``; the CLIs pass the suite's ``models``) builds the network the
+    file's ``arch`` declares, on the meta device, to check the tensors against (and the caller's model
+    against it). With neither, a file is bound only by ``MAX_EXPANSION``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -434,7 +348,7 @@ def read_mess(path, *, model=None) -> dict:
         def read(off, n):
             f.seek(off)
             return f.read(n)
-        return _decode(read, path.stat().st_size, path, model)
+        return _decode(read, path.stat().st_size, path, model, build)
 
 
 class _Budget:
@@ -480,7 +394,7 @@ class _Streams:
         return torch.from_numpy(q.astype(np.float32)).mul_(slot[0]), float(slot[0])  # as linear_quantize does
 
 
-def _open(read, size: int, name, model) -> tuple[_Plan, _Streams, int]:
+def _open(read, size: int, name, model, build) -> tuple[_Plan, _Streams, int]:
     """The validated plan and the streams of a file, checked against each other."""
     header, start = _safetensors_header(read, size, name)
     # the file's own bytes (no more than its size), checked first: corruption reads as corruption
@@ -492,7 +406,7 @@ def _open(read, size: int, name, model) -> tuple[_Plan, _Streams, int]:
     crc = zlib.crc32(raw_b, zlib.crc32(raw_f, zlib.crc32(header["__metadata__"]["mess"].encode())))
     if f"{crc:08x}" != header["__metadata__"]["crc32"]:
         fail(name, "checksum mismatch (the file is corrupt)")
-    plan = _plan(header["__metadata__"]["mess"], name, model)
+    plan = _plan(header["__metadata__"]["mess"], name, model, build)
     if n_f32 != plan.n_floats or n_u8 != (plan.n_bits + 7) // 8:
         fail(name, f"its data holds {n_f32:,} floats and {n_u8:,} code bytes, but its metadata describes "
                    f"{plan.n_floats:,} and {(plan.n_bits + 7) // 8:,} (truncated or corrupt)")
@@ -557,8 +471,8 @@ def _decode_palette(key, shape, bits: int, placed, pal: dict, s: _Streams, b: _B
     return layer.decode(shape, pal["method"], pal["granularity"]), layer
 
 
-def _decode(read, size: int, name, model=None) -> dict:
-    plan, s, start = _open(read, size, name, model)
+def _decode(read, size: int, name, model=None, build=None) -> dict:
+    plan, s, start = _open(read, size, name, model, build)
     b = _Budget(plan.decoded_bytes, name)
     sd, scales, targets, palette = {}, {}, [], {}
     for key, shape, enc, extra, path, placed in plan.items:

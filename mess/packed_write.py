@@ -199,8 +199,9 @@ def _pack_target(key, v, path: PathInfo, code: LayerCode, entry: Entry, floats: 
         floats.append(w[:, w.shape[1] // path.bind * path.bind:].reshape(-1).numpy())
 
 
-def write_mess(path, ckpt: dict) -> int:
-    """Write ``ckpt`` as a ``.mess`` file (atomically); returns its size in bytes.
+def write_mess(path, ckpt: dict, *, build=None) -> int:
+    """Write ``ckpt`` as a ``.mess`` file (atomically); returns its size in bytes. ``build`` is
+    ``read_mess``'s: with it, a checkpoint whose ``arch`` builds another network is refused.
 
     The bytes are read back before the file is written and every tensor must come back equal
     to the checkpoint's: a MESS checkpoint whose weights are not ``alpha * bank[k] + beta``
@@ -208,7 +209,7 @@ def write_mess(path, ckpt: dict) -> int:
     """
     buf = pack(ckpt)
     try:  # read back as a caller with this model reads it: every tensor checked against it and the arch
-        back = unpack(buf, Path(path).name, model=ckpt["model"])["model"]
+        back = unpack(buf, Path(path).name, model=ckpt["model"], build=build)["model"]
     except UserError as e:  # e.g. an arch entry that builds another network: no reader would take the file
         raise UserError(f"cannot pack {Path(path).name}, the file would not read back: {e}") from None
     for key, v in ckpt["model"].items():

@@ -81,7 +81,7 @@ def test_load_refuses_a_file_of_another_model(tmp_path):
     c = mess.compress(own_net(), "v2qq")
     mess.save(c, tmp_path / "own.mess")
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
-    with pytest.raises(mess.UserError, match="does not fit this model"):
+    with pytest.raises(mess.UserError, match="is no tensor of the model it is read into"):
         mess.load(tmp_path / "own.mess", other)
 
 

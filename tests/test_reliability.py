@@ -169,18 +169,22 @@ def test_plot_summary_on_a_damaged_epoch(tmp_path):
         plot_summary.read_summary_csv(p)
 
 
-def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("sig,rc,word", [
+    (signal.SIGINT, -signal.SIGINT, "interrupted"),  # ended by the signal, as a shell loop expects of Ctrl-C
+    pytest.param(signal.SIGTERM, 128 + signal.SIGTERM, "terminated", marks=pytest.mark.slow),
+])
+def test_ctrl_c_and_sigterm_are_one_line_and_leave_no_temporary_file(tmp_path, sig, rc, word):
     env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TINY, "--epochs", "50"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while not (tmp_path / FOLDER / "ckpt_epoch_1.pth").exists() and time.time() < deadline:
         time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGINT  # ended by the signal, as a shell loop expects of Ctrl-C
+    assert p.returncode == rc
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    assert len(lines) == 1 and word in lines[0] and "Traceback" not in err, err
     assert not list((tmp_path / FOLDER).glob(".*.tmp"))
     latest = max((tmp_path / FOLDER).glob("ckpt_epoch_*.pth"), key=os.path.getmtime)
     assert load_checkpoint(latest)["epoch"] >= 1
@@ -297,8 +301,9 @@ def test_compressor_writes_both_files_or_neither(in_tmp, monkeypatch):
     def full(tmp, ckpt):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(find_similar_kernel, "write_mess", full)
-    with pytest.raises(UserError, match="ckpt_best_v2qq_np_q888.mess: no space left on device; none of "
-                                        "ckpt_best_v2qq_np_q888.pth, ckpt_best_v2qq_np_q888.mess was written"):
+    name = "ckpt_best_v2qq_np_q888"
+    with pytest.raises(UserError, match=f"{name}.mess: no space left on device; none of {name}.pth, "
+                                        f"{name}.mess was written"):
         find_similar_kernel.main(find_similar_kernel.get_args_parser().parse_args(argv))
     assert sorted(p.name for p in (in_tmp / FOLDER).iterdir()) == ["ckpt_best.pth"]
 
@@ -307,3 +312,27 @@ def test_checkpoint_of_another_dataset_is_refused(in_tmp):
     path = fresh_checkpoint(in_tmp / "elsewhere", dataset="cifar10")
     with pytest.raises(UserError, match="was trained on cifar10, but this run is on digits"):
         run_main(TINY + ["-E", "--ckpt", str(path)])
+
+
+def test_packed_cli_checks_room_and_a_full_disk_keeps_the_old_file(in_tmp, monkeypatch):
+    import shutil
+
+    import packed
+    path = fresh_checkpoint(in_tmp / FOLDER)
+    argv = TINY[:7] + ["--ckpt", str(path)]
+    packed.main(packed.get_args_parser().parse_args(argv))
+    out = path.with_suffix(".mess")
+    before = out.read_bytes()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(UserError, match="not enough free space for ckpt_best.mess"):
+        packed.main(packed.get_args_parser().parse_args(argv))
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def full(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(UserError, match="no space left on device; ckpt_best.mess is as it was"):
+        mess.checkpoint.atomic_write(out, full)  # what write_mess, save_checkpoint and the CSVs go through
+    assert out.read_bytes() == before and not list(out.parent.glob(".*.tmp"))

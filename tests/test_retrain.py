@@ -396,13 +396,13 @@ def test_check_representable_catches_a_tampered_checkpoint(work):
 @pytest.mark.parametrize("extra,needles", [
     (["-T", "--ckpt", "ckpt_best.pth", "-v", "v2qq"], ["not a MESS checkpoint", "-v v2qq"]),
     (["-T", "--ckpt", V2QQ, "-v", "v2nb"], ["MESS v2qq checkpoint", "-v v2nb"]),
-    (["--wclip", "0"], ["--wclip", "positive"]),
-    (["--wclip", "-2"], ["--wclip", "positive"]),
+    (["--wclip", "0"], ["--wclip", "must be > 0"]),
+    (["--wclip", "-2"], ["--wclip", "must be > 0"]),
     (["-N"], ["-N/--new needs -v"]),
     (["-T"], ["-T/--retrain needs --ckpt"]),
     (["-T", "-Q", "--ckpt", V2QQ], ["without -Q"]),
     (["-v", "v2qq"], ["-N", "-T"]),
-    (["-R", "--ckpt", "ckpt_rt1_v2qq_q344_epoch_1.pth", "-v", "v2nb"], ["resumes with -v v2qq"]),
+    (["-R", "--ckpt", "ckpt_rt1_v2qq_q344_epoch_1.pth", "-v", "v2nb"], ["-v v2nb", "--change-flags"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(work, capsys, extra, needles):
     if "-R" in extra:
