@@ -2,10 +2,17 @@
 # Download and convert every published checkpoint that down_ckpt.py knows (see --list).
 #
 #   ./down_ckpt_all.sh                                  # from download.pytorch.org and github.com
-#   ./down_ckpt_all.sh --mirror http://lab-server/w/    # extra flags go to every call
+#   ./down_ckpt_all.sh --mirror https://lab-server/w/   # extra flags go to every call
+#   ./down_ckpt_all.sh --mirror http://lab-server/w/ --allow-http --deadline 600
 #
 # Finished files are skipped, so a second run only fetches what failed the first time.
 set -u
+for a in "$@"; do
+    if [ "$a" = --sha256 ] || [ "${a#--sha256=}" != "$a" ]; then
+        echo "down_ckpt_all.sh: error: --sha256 pins one file: give it to down_ckpt.py for that file" >&2
+        exit 2
+    fi
+done
 PY=${PYTHON:-python}
 TOOL="$(dirname "$0")/down_ckpt.py"  # checkpoints land in ./checkpoint of the current folder
 list=$($PY "$TOOL" --list) || exit 2

@@ -1,10 +1,12 @@
 """Download ILSVRC2012 (ImageNet-1k) and lay it out as main.py reads it.
 
     python down_imagenet.py --datapath ../data
-    python down_imagenet.py --datapath ../data --mirror http://lab-server/imagenet/ --md5-file MD5SUMS
+    python down_imagenet.py --datapath ../data --mirror https://lab-server/imagenet/ --md5-file MD5SUMS
+    python down_imagenet.py --datapath ../data --mirror http://lab-server/imagenet/ --allow-http
 
 The train, val and devkit archives are fetched into DATAPATH/imagenet/ (resumable, verified
-against their published MD5s) and extracted into
+against their published MD5s, https only unless --allow-http, capped at their published sizes
+or --max-bytes, each within --deadline) and extracted into
 
     DATAPATH/imagenet/train/<wnid>/*.JPEG     (one inner tar per class in the train archive)
     DATAPATH/imagenet/val/<wnid>/*.JPEG       (sorted by the devkit's ground truth)
@@ -13,18 +15,21 @@ Each class folder, and the val folder as a whole, is built aside and renamed int
 so an interrupted run leaves no half-filled folder that main.py would read, and the next
 run continues where it stopped. A split that is complete is skipped. Archives already in
 DATAPATH/imagenet/ (fetched with your own ImageNet account) are verified, not downloaded.
+The devkit's ground truth is streamed line by line, with bounds on what may be decompressed.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 from config import OneLineParser, add_flags
-from download import download, mirror_url
+from download import add_download_flags, download, mirror_url
 from utils import UserError, run_cli
 
 # The official files need an ImageNet account (https://image-net.org/download-images);
@@ -36,8 +41,17 @@ ARCHIVES = {
     "val": ("ILSVRC2012_img_val.tar", "29b22e2961454d5413ddabcf34fc5622"),
     "devkit": ("ILSVRC2012_devkit_t12.tar.gz", "fa75699e90414af021442c21a62c3abf"),
 }
+# the published files' sizes, each one's download cap (the devkit's: --max-bytes)
+SIZES = {"ILSVRC2012_img_train.tar": 147_897_477_120, "ILSVRC2012_img_val.tar": 6_744_924_160}
+MAX_BYTES = 200 << 30  # --max-bytes default: an archive of unknown size (the devkit, or one --md5 replaced)
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"  # ILSVRC ids 1..1000, one per val image
 META = "data/meta.mat"  # synsets: ILSVRC2012_ID -> WNID
+# What a real devkit can hold: 50,000 ids of at most 4 digits and a line end, a meta.mat of a few
+# hundred KB, a few MB in all. Past these bounds it is not the devkit (a gzip bomb, say): one line.
+VAL_IMAGES = 50_000
+GROUND_TRUTH_MAX_BYTES = VAL_IMAGES * len("1000\r\n")
+META_MAX_BYTES = 16 << 20
+DEVKIT_MAX_UNPACKED = 256 << 20
 WNID = re.compile(r"n\d{8}")
 VAL_IMAGE = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 
@@ -69,12 +83,15 @@ def md5_table(overrides: list[str], md5_file: str | None) -> dict[str, str]:
 
 
 def fetch(part: str, base: Path, args, md5s: dict[str, str]) -> Path:
-    name = ARCHIVES[part][0]
+    name, published_md5 = ARCHIVES[part]
     dest = base / name
     if dest.is_file():
         print(f"verifying {dest} (MD5 of {dest.stat().st_size / 2**30:.1f} GiB)")
+    # the published size caps the published file; another one (--md5) gets --max-bytes
+    cap = SIZES.get(name) if md5s[name] == published_md5 else None
     try:
-        download(mirror_url(BASE_URL + name, args.mirror), dest, md5=md5s[name])
+        download(mirror_url(BASE_URL + name, args.mirror), dest, md5=md5s[name],
+                 max_bytes=cap or args.max_bytes, deadline=args.deadline, allow_http=args.allow_http)
     except UserError as e:
         if args.mirror:
             raise
@@ -125,15 +142,70 @@ def extract_train(archive: Path, train_dir: Path, tmp_root: Path) -> int:
     return done
 
 
+class _Capped(io.RawIOBase):
+    """A readable stream that raises ``UserError`` once more than ``limit`` bytes came out of it."""
+
+    def __init__(self, f, limit: int, what: str):
+        self.f, self.left, self.limit, self.what = f, limit, limit, what
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(min(len(b), self.left + 1))
+        if len(data) > self.left:
+            raise UserError(f"{self.what} unpacks to more than {self.limit} bytes, more than a real one "
+                            f"could; is it the ILSVRC2012 devkit?")
+        self.left -= len(data)
+        b[:len(data)] = data
+        return len(data)
+
+
+def _too_big(devkit: Path, name: str, size: int, limit: int) -> UserError:
+    return UserError(f"{devkit}: {name} is {size} bytes, more than a real one could be ({limit}); "
+                     f"is it the ILSVRC2012 devkit?")
+
+
+def _read_ids(f, devkit: Path) -> list[int]:
+    """The ground truth's ids, line by line: never more than VAL_IMAGES of them."""
+    ids = []
+    for n, line in enumerate(f, 1):
+        for word in line.split():
+            if len(ids) == VAL_IMAGES:
+                raise UserError(f"{devkit}: {GROUND_TRUTH} holds more than {VAL_IMAGES} ids, "
+                                f"the val images of a real one")
+            if not word.isdigit():
+                raise UserError(f"{devkit}: {GROUND_TRUTH} line {n} is not a class id: {word[:20]!r}")
+            ids.append(int(word))
+    return ids
+
+
 def read_ground_truth(devkit: Path) -> list[str]:
     """The wnid of every val image, in image order (from the devkit's ids and meta.mat)."""
     import scipy.io
-    with tarfile.open(devkit, "r:gz") as t:
-        files = {m.name.split("/", 1)[-1]: m for m in t.getmembers() if m.isfile()}
-        if GROUND_TRUTH not in files or META not in files:
-            raise UserError(f"{devkit} lacks {GROUND_TRUTH} or {META}; is it the ILSVRC2012 devkit?")
-        ids = [int(x) for x in t.extractfile(files[GROUND_TRUTH]).read().split()]
-        synsets = scipy.io.loadmat(io.BytesIO(t.extractfile(files[META]).read()), squeeze_me=True)["synsets"]
+    ids = meta = None
+    try:  # streamed, each member and the whole bounded: nothing is read whole into memory
+        with gzip.open(devkit) as gz, tarfile.open(fileobj=_Capped(gz, DEVKIT_MAX_UNPACKED, devkit),
+                                                   mode="r|") as t:
+            for m in t:
+                name = m.name.split("/", 1)[-1]
+                if not m.isfile() or name not in (GROUND_TRUTH, META):
+                    continue
+                if name == GROUND_TRUTH:
+                    if m.size > GROUND_TRUTH_MAX_BYTES:
+                        raise _too_big(devkit, name, m.size, GROUND_TRUTH_MAX_BYTES)
+                    ids = _read_ids(t.extractfile(m), devkit)
+                else:
+                    if m.size > META_MAX_BYTES:
+                        raise _too_big(devkit, name, m.size, META_MAX_BYTES)
+                    meta = t.extractfile(m).read()
+                if ids is not None and meta is not None:
+                    break
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{devkit} could not be read ({e}); delete it and run again") from None
+    if ids is None or meta is None:
+        raise UserError(f"{devkit} lacks {GROUND_TRUTH} or {META}; is it the ILSVRC2012 devkit?")
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
     # the leaves of the synset tree (no children) are the 1000 classes
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets.ravel()
                   if int(s["num_children"]) == 0}
@@ -170,7 +242,8 @@ def get_args_parser():
     parser = OneLineParser(prog="down_imagenet.py", description="Download and extract ILSVRC2012.")
     add_flags(parser, ("datapath",))
     parser.add_argument("--mirror", metavar="URL", default=None,
-                        help=f"fetch the same file names from this base URL (default: {BASE_URL})")
+                        help=f"fetch the same file names from this base URL; https unless --allow-http "
+                             f"(default: {BASE_URL})")
     parser.add_argument("--md5", metavar="NAME=HEX", action="append", default=[],
                         help="expected MD5 of one archive, replacing the published one (repeatable)")
     parser.add_argument("--md5-file", dest="md5_file", metavar="FILE", default=None,
@@ -179,6 +252,9 @@ def get_args_parser():
                         help="what to download and extract (default: train val)")
     parser.add_argument("--remove-archives", dest="remove_archives", action="store_true",
                         help="delete each archive once it is extracted (saves ~150 GB)")
+    add_download_flags(parser, max_bytes=MAX_BYTES, deadline=24 * 3600.0,
+                       max_bytes_for="an archive whose size is not known (the devkit, or one whose "
+                                     "MD5 --md5/--md5-file replaced; the others: their published sizes)")
     return parser
 
 

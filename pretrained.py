@@ -10,25 +10,35 @@ given file); neither CLI imports the other. It is not part of ``models/``: it do
 
 ImageNet weights are torchvision's (IMAGENET1K_V1), CIFAR-10/100 weights the release files
 of chenyaofo/pytorch-cifar-models, and CIFAR-10 ``resnet_a`` weights akamaster/pytorch_resnet_cifar10's.
-Each file is checked against its full SHA-256 where this table pins it, else against the
-prefix in its name (torch.hub's convention), renamed by the explicit table ``RENAMES``, checked key by key
-and shape by shape, and saved as a docs/design.md §4 checkpoint (``model``, ``arch``,
-``epoch``, ``best_acc1``, ``args``, ``source``). A file is only ever read with
-``torch.load(weights_only=True)``.
+Each file is checked against its full SHA-256 where one is known: pinned in this table, given
+by hand (``pin_by_hand``, down_ckpt.py ``--sha256``) or pinned on first use in the cache
+(``PINS_FILE``: every file this tool verified before); else against the 32-bit prefix in its
+name (torch.hub's convention), with a warning, and its full SHA-256 is then pinned for next
+time. It is renamed by the explicit table ``RENAMES``, checked key by key and shape by shape,
+and saved as a docs/design.md §4 checkpoint (``model``, ``arch``, ``epoch``, ``best_acc1``,
+``args``, ``source``). A file is only ever read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.hub
 import torch.nn as nn
 
-from download import download, mirror_url
+from download import FULL_SHA256, download, mirror_url
 from models import ModelError, build_model, model_name
-from utils import UserError, ckpt_dir_of, load_checkpoint, load_state_dict_checked, save_checkpoint
+from utils import (
+    UserError,
+    atomic_write,
+    ckpt_dir_of,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+)
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 CHENYAOFO_URL = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/"
@@ -46,6 +56,7 @@ class Source:
     acc1: float  # published top-1 accuracy, %
     layout: str  # key layout of the file: a key of RENAMES
     pinned_sha256: str = ""  # the file's full SHA-256 where known, checked in place of the name's prefix
+    size: int = 0  # its size in bytes where known: the download's cap (else --max-bytes)
 
     @property
     def name(self) -> str:
@@ -109,15 +120,20 @@ _CHENYAOFO = [
 # akamaster/pytorch_resnet_cifar10's pretrained_models/ (its README's table, branch master):
 # CIFAR-10, option-A shortcuts (-a resnet_a), trained on inputs normalised with ImageNet's statistics.
 # top-1 is 100 - the README's test error (8.27, 7.37, 6.90, 6.61, 6.32, 6.18 %). The full SHA-256
-# is that of the published files as measured (../shared/data/README.md); 110 and 1202: name prefix only.
-# layers, file, top-1, full SHA-256 or ""
+# and the size are those of the published files as measured (../shared/data/README.md); 110 and 1202:
+# name prefix only.
+# layers, file, top-1, full SHA-256 or "", bytes or 0
 _AKAMASTER = [
-    (20, "resnet20-12fca82f.th", 91.73, "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
-    (32, "resnet32-d509ac18.th", 92.63, "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
-    (44, "resnet44-014dd654.th", 93.10, "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
-    (56, "resnet56-4bfd9763.th", 93.39, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
-    (110, "resnet110-1d1ed7c2.th", 93.68, ""),
-    (1202, "resnet1202-f3b1deed.th", 93.82, ""),
+    (20, "resnet20-12fca82f.th", 91.73, "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+     1099231),
+    (32, "resnet32-d509ac18.th", 92.63, "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+     1890043),
+    (44, "resnet44-014dd654.th", 93.10, "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+     2680855),
+    (56, "resnet56-4bfd9763.th", 93.39, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+     3471733),
+    (110, "resnet110-1d1ed7c2.th", 93.68, "", 0),
+    (1202, "resnet1202-f3b1deed.th", 93.82, "", 0),
 ]
 
 
@@ -132,8 +148,9 @@ def _sources() -> dict[tuple[str, str], Source]:
             url = f"{CHENYAOFO_URL}{arch}/{dataset}_{stem}-{digest}.pt"
             s = Source(dataset, arch, layers, wm, bn, url, acc, "chenyaofo")
             table[s.dataset, s.name] = s
-    for layers, file, acc, full in _AKAMASTER:
-        s = Source("cifar10", "resnet_a", layers, 1.0, False, AKAMASTER_URL + file, acc, "akamaster", full)
+    for layers, file, acc, full, size in _AKAMASTER:
+        s = Source("cifar10", "resnet_a", layers, 1.0, False, AKAMASTER_URL + file, acc, "akamaster",
+                   full, size)
         table[s.dataset, s.name] = s
     return table
 
@@ -162,7 +179,12 @@ def find_source(dataset: str, arch: str, layers: int, width_mult: float, bn: boo
 
 
 def find_by_digest(sha256: str) -> Source | None:
-    return next((s for s in SOURCES.values() if sha256.startswith(s.sha256)), None)
+    """The published file whose SHA-256 this is; one known by its name's prefix only says so."""
+    src = next((s for s in SOURCES.values() if sha256.startswith(s.sha256)), None)
+    if src and len(src.sha256) < FULL_SHA256:
+        print(f"warning: taken for {src.file} by a {4 * len(src.sha256)}-bit SHA-256 prefix only "
+              f"({src.sha256}), which a made-up file can match", file=sys.stderr)
+    return src
 
 
 def cache_dir(path: str | None) -> Path:
@@ -171,10 +193,89 @@ def cache_dir(path: str | None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"  # shared with torchvision: no second download
 
 
-def fetch(src: Source, cache: str | None, mirror: str | None) -> tuple[Path, str]:
-    """Download (or find in the cache) and verify ``src``; returns its path and SHA-256."""
+# ---------------------------------------------------------------- pins: full SHA-256s known to the cache
+
+# in the cache folder, in sha256sum's format ("HEX  NAME"): `sha256sum -c` reads it
+PINS_FILE = "mess-pinned.sha256"
+
+
+def read_pins(cache: str | None) -> dict[str, str]:
+    """File name -> the full SHA-256 this tool verified for it before (pinned on first use)."""
+    path = cache_dir(cache) / PINS_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    pins = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")
+        if not line.strip():
+            continue
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name:
+            raise UserError(f"{path} line {n} is not 'SHA256  NAME': {line.strip()[:80]!r}")
+        pins[name] = digest
+    return pins
+
+
+def _write_pin(cache: str | None, name: str, digest: str) -> Path:
+    pins = dict(read_pins(cache), **{name: digest})
+    path = cache_dir(cache) / PINS_FILE
+    text = "".join(f"{d}  {n}\n" for n, d in sorted(pins.items()))
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def pin_by_hand(src: Source, sha256: str, cache: str | None) -> Source:
+    """``src`` checked against ``sha256`` (down_ckpt.py --sha256): a full hash of the published file."""
+    digest = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UserError(f"--sha256 wants the full SHA-256 of {src.file}, 64 hex digits; got {sha256!r}")
+    if not digest.startswith(src.name_sha256):
+        raise UserError(f"--sha256 {digest[:16]}... is not {src.file}'s: its name says the SHA-256 "
+                        f"starts with {src.name_sha256}")
+    if src.pinned_sha256 and src.pinned_sha256 != digest:
+        raise UserError(f"--sha256 {digest[:16]}... differs from {src.file}'s published SHA-256 "
+                        f"{src.pinned_sha256[:16]}...")
+    pinned = read_pins(cache).get(src.file)
+    if pinned and pinned != digest:
+        raise UserError(f"--sha256 {digest[:16]}... differs from the SHA-256 pinned for {src.file} on first "
+                        f"use ({pinned[:16]}..., in {cache_dir(cache) / PINS_FILE}); delete that line there "
+                        f"to pin another")
+    return replace(src, pinned_sha256=digest)
+
+
+def fetch(src: Source, cache: str | None, mirror: str | None, *, allow_http: bool = False,
+          max_bytes: int | None = None, deadline: float | None = None) -> tuple[Path, str]:
+    """Download (or find in the cache) and verify ``src``; returns its path and SHA-256.
+
+    The file is checked against the first full SHA-256 known: ``src``'s pin (published or by
+    hand), else the one pinned in the cache on first use, else its name's prefix, after which its
+    full SHA-256 is pinned with a note. ``max_bytes`` caps a file of unknown size (a known one is
+    capped at its size); ``allow_http`` and ``deadline`` go to ``download``."""
     dest = cache_dir(cache) / src.file
-    digest = download(mirror_url(src.url, mirror), dest, sha256=src.sha256)
+    pins = read_pins(cache)
+    pinned = pins.get(src.file)
+    pins_path = cache_dir(cache) / PINS_FILE
+    if src.pinned_sha256:
+        want, origin = src.pinned_sha256, ""
+    elif pinned:
+        want, origin = pinned, (f"pinned on first use in {pins_path}; if the publisher replaced the file, "
+                                f"delete its line there")
+    else:
+        want, origin = src.name_sha256, f"only the {4 * len(src.name_sha256)}-bit prefix in its name is known"
+    digest = download(mirror_url(src.url, mirror), dest, sha256=want, checksum_from=origin,
+                      max_bytes=src.size or max_bytes, deadline=deadline, allow_http=allow_http)
+    if pinned != digest:
+        _write_pin(cache, src.file, digest)
+        if len(want) < FULL_SHA256:
+            print(f"note: pinned {src.file}'s SHA-256 in {pins_path} on first use: a different file under "
+                  f"this name will be refused", file=sys.stderr)
     return dest, digest
 
 

@@ -150,6 +150,7 @@ def test_akamaster_table_is_their_readme():
                          f"pretrained_models/{s.file}")
         assert s.file.startswith(f"resnet{s.layers}-") and s.file.endswith(".th")
     assert [s.layers for s in PINNED] == [20, 32, 44, 56]
+    assert [s.layers for s in AKA_SOURCES if s.size] == [20, 32, 44, 56]  # a size is known with the hash
     assert {s.file for s in AKA_SOURCES if not s.pinned_sha256} == {"resnet110-1d1ed7c2.th",
                                                                    "resnet1202-f3b1deed.th"}
 
@@ -169,6 +170,7 @@ def test_the_pinned_hashes_are_those_of_the_real_files():
     assert files == sorted(s.file for s in PINNED)  # a new file there gets a row (and a test)
     for s in PINNED:
         assert file_digest(AKAMASTER / s.file) == s.pinned_sha256
+        assert (AKAMASTER / s.file).stat().st_size == s.size  # the download's cap
 
 
 # ---------------------------------------------------------------- conversion of the real files
@@ -216,7 +218,7 @@ def test_full_sha256_refuses_a_file_that_only_matches_the_name_prefix(server, in
     wrong = src.name_sha256 + ("1" if src.pinned_sha256[8] == "0" else "0") + src.pinned_sha256[9:]
     monkeypatch.setitem(pretrained.SOURCES, ("cifar10", "resnet_a20"), replace(src, pinned_sha256=wrong))
     server.files[src.file] = body
-    argv = ["cifar10", "-a", "resnet_a", "--layers", "20", "--mirror", server.url, "--cache-dir", "cache"]
+    argv = ["cifar10", "-a", "resnet_a", "--layers", "20", *server.mirror, "--cache-dir", "cache"]
     rc, _, err = cli(down_ckpt, argv, capsys)
     assert_user_error(rc, err, src.file, "not the published file", "the download was deleted")
     assert len(server.requests_for(src.file)) == 1
@@ -238,7 +240,7 @@ def test_unpinned_files_keep_the_name_prefix_check(server, in_tmp, monkeypatch, 
     fake = replace(src, url=src.url.replace("1d1ed7c2", sha(body)[:8]))  # served under its own prefix
     monkeypatch.setitem(pretrained.SOURCES, ("cifar10", "resnet_a110"), fake)
     server.files[fake.file] = body
-    argv = ["cifar10", "-a", "resnet_a", "--layers", "110", "--mirror", server.url, "--cache-dir", "cache"]
+    argv = ["cifar10", "-a", "resnet_a", "--layers", "110", *server.mirror, "--cache-dir", "cache"]
     rc, out, err = cli(down_ckpt, argv, capsys)
     assert rc == 0, err
     assert "published top-1 93.68%" in out
@@ -270,7 +272,7 @@ def test_downloaded_resnet_a20_evaluates_with_imagenet_statistics(server, in_tmp
     server.files[src.file] = real_file(src).read_bytes()
     if not CIFAR_SUBSET.is_file():
         pytest.skip(f"{CIFAR_SUBSET} not found (CI has it at ../shared/data)")
-    rc, out, err = cli(down_ckpt, ["cifar10", "-a", "resnet_a", "--layers", "20", "--mirror", server.url,
+    rc, out, err = cli(down_ckpt, ["cifar10", "-a", "resnet_a", "--layers", "20", *server.mirror,
                                    "--cache-dir", "cache"], capsys)
     assert rc == 0, err
     assert "resnet_a20" in out and "91.73%" in out

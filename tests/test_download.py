@@ -35,11 +35,16 @@ from download import download
 
 class Server:
     """Serves ``files`` (name -> bytes); ``plan[name]`` lists how to misbehave on successive
-    requests ("ok", "500", "cut", "stall", "ignore_range", "bad_range"); ``log`` records
-    (name, Range header) of every request."""
+    requests ("ok", "500", "cut", "stall", "ignore_range", "bad_range", "endless": a body with no
+    length that never ends, "trickle": one byte every TRICKLE_S seconds); ``redirects[name]`` is a
+    URL to send that name to; ``log`` records (name, Range header) of every request. With ``tls``
+    (a certificate and key file) it is an https server."""
 
-    def __init__(self):
-        self.files, self.plan, self.log = {}, {}, []
+    TRICKLE_S = 0.5
+    ENDLESS_BYTES = 64 << 20  # where an "endless" body does stop: a test of code without a cap ends too
+
+    def __init__(self, tls=None):
+        self.files, self.plan, self.redirects, self.log = {}, {}, {}, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,11 +52,22 @@ class Server:
                 pass
 
             def do_GET(self):
-                server.handle(self)
+                try:
+                    server.handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading (an endless body, a trickle): what it should do
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        scheme = "http"
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.mirror = ["--mirror", self.url, "--allow-http"]  # a CLI's flags for it: it is plain http
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -62,12 +78,24 @@ class Server:
         name = h.path.lstrip("/")
         rng = h.headers.get("Range")
         self.log.append((name, rng))
+        if name in self.redirects:
+            h.send_response(302)
+            h.send_header("Location", self.redirects[name])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         queue = self.plan.get(name) or []
         how = queue.pop(0) if queue else "ok"
         if name not in self.files:
             return h.send_error(404)
         if how == "500":
             return h.send_error(500)
+        if how == "endless":
+            h.send_response(200)
+            h.end_headers()  # no Content-Length: HTTP/1.0 ends the body when the connection closes
+            for _ in range(self.ENDLESS_BYTES >> 16):
+                h.wfile.write(b"\0" * 65536)
+            return
         data, start, status = self.files[name], 0, 200
         if rng and how != "ignore_range":
             start = int(rng.removeprefix("bytes=").split("-")[0])
@@ -91,6 +119,12 @@ class Server:
             if how == "stall":
                 time.sleep(1.5)
             return  # HTTP/1.0: the connection closes short of Content-Length
+        if how == "trickle":
+            for i in range(min(len(body), 40)):  # 20 s at most, then the connection closes short
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+                time.sleep(self.TRICKLE_S)
+            return
         h.wfile.write(body)
 
     def close(self):
@@ -108,7 +142,7 @@ def server():
     s.close()
 
 
-FAST = dict(retries=0, backoff=0.0, timeout=(2.0, 0.5))
+FAST = dict(retries=0, backoff=0.0, timeout=(2.0, 0.5), allow_http=True)  # the server is http
 
 
 def sha(data: bytes) -> str:
@@ -140,7 +174,8 @@ def test_md5_is_checked_too(server, tmp_path):
 
 def test_404_is_final(server, tmp_path):
     with pytest.raises(utils.UserError, match="HTTP 404"):
-        download(server.url + "missing.pth", tmp_path / "missing.pth", retries=3, backoff=0)
+        download(server.url + "missing.pth", tmp_path / "missing.pth", retries=3, backoff=0,
+                 allow_http=True)
     assert len(server.requests_for("missing.pth")) == 1  # a 404 is not retried
     assert list(tmp_path.iterdir()) == []
 
@@ -148,11 +183,11 @@ def test_404_is_final(server, tmp_path):
 def test_500_is_retried_with_backoff_then_reported(server, tmp_path):
     server.files["blob.bin"] = BLOB
     server.plan["blob.bin"] = ["500", "500"]
-    download(server.url + "blob.bin", tmp_path / "blob.bin", retries=2, backoff=0.01)
+    download(server.url + "blob.bin", tmp_path / "blob.bin", retries=2, backoff=0.01, allow_http=True)
     assert len(server.requests_for("blob.bin")) == 3
     server.plan["blob.bin"] = ["500"] * 3
     with pytest.raises(utils.UserError, match="failed after 3 tries: HTTP 500"):
-        download(server.url + "blob.bin", tmp_path / "other.bin", retries=2, backoff=0.01)
+        download(server.url + "blob.bin", tmp_path / "other.bin", retries=2, backoff=0.01, allow_http=True)
     assert not (tmp_path / "other.bin").exists()
 
 
@@ -231,7 +266,7 @@ def test_disk_write_error_is_one_line_and_keeps_a_clean_partial(server, tmp_path
         "from utils import UserError\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
         "try:\n"
-        f"    download({server.url + 'blob.bin'!r}, 'blob.bin', retries=0)\n"
+        f"    download({server.url + 'blob.bin'!r}, 'blob.bin', retries=0, allow_http=True)\n"
         "except UserError as e:\n"
         "    print(f'error: {e}', file=sys.stderr); sys.exit(2)\n")
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
@@ -281,7 +316,7 @@ def serve_as(server, monkeypatch, key, data: bytes):
 def test_down_ckpt_imagenet_resnet18(server, in_tmp, monkeypatch, capsys, resnet18_file):
     tv_model, data = resnet18_file
     src = serve_as(server, monkeypatch, ("imagenet", "resnet18"), data)
-    argv = ["imagenet", "-a", "resnet", "--layers", "18", "--mirror", server.url, "--cache-dir", "cache"]
+    argv = ["imagenet", "-a", "resnet", "--layers", "18", *server.mirror, "--cache-dir", "cache"]
     rc, out, err = cli(down_ckpt, argv + ["-o", "pretrained_model.pth"], capsys)
     assert rc == 0, err
     path = in_tmp / "checkpoint/resnet18/imagenet/pretrained_model.pth"  # where main.py --ckpt looks
@@ -316,7 +351,7 @@ def test_down_ckpt_cifar10_chenyaofo_resnet20(server, in_tmp, monkeypatch, capsy
     buf = io.BytesIO()
     torch.save(theirs.state_dict(), buf)
     serve_as(server, monkeypatch, ("cifar10", "resnet20"), buf.getvalue())
-    rc, _, err = cli(down_ckpt, ["cifar10", "-a", "resnet", "--layers", "20", "--mirror", server.url,
+    rc, _, err = cli(down_ckpt, ["cifar10", "-a", "resnet", "--layers", "20", *server.mirror,
                                  "--cache-dir", "cache"], capsys)
     assert rc == 0, err
     ckpt = utils.load_checkpoint(in_tmp / "checkpoint/resnet20/cifar10/ckpt_best.pth")
@@ -331,7 +366,7 @@ def test_down_ckpt_cifar10_chenyaofo_resnet20(server, in_tmp, monkeypatch, capsy
 
 def test_down_ckpt_failures_are_one_line_and_leave_no_checkpoint(server, in_tmp, monkeypatch, capsys,
                                                                   resnet18_file):
-    base = ["imagenet", "-a", "resnet", "--layers", "18", "--mirror", server.url, "--cache-dir", "cache"]
+    base = ["imagenet", "-a", "resnet", "--layers", "18", *server.mirror, "--cache-dir", "cache"]
     out = in_tmp / "checkpoint/resnet18/imagenet/ckpt_best.pth"
     # 404: nothing is served yet
     rc, _, err = cli(down_ckpt, base, capsys)
@@ -362,7 +397,7 @@ def test_a_trained_checkpoint_is_never_overwritten(server, in_tmp, monkeypatch, 
     out.parent.mkdir(parents=True)
     utils.save_checkpoint({"model": {}, "epoch": 90}, out)
     serve_as(server, monkeypatch, ("imagenet", "resnet18"), resnet18_file[1])
-    argv = ["imagenet", "-a", "resnet", "--layers", "18", "--mirror", server.url, "--cache-dir", "cache"]
+    argv = ["imagenet", "-a", "resnet", "--layers", "18", *server.mirror, "--cache-dir", "cache"]
     rc, _, err = cli(down_ckpt, argv, capsys)
     assert_user_error(rc, err, "already exists", "--force")
     assert server.log == []
@@ -453,7 +488,7 @@ def test_down_imagenet_extracts_sorts_and_skips_what_is_complete(server, in_tmp,
     name = "ILSVRC2012_img_train.tar"
     md5sums.write_text(f"{hashlib.md5(ilsvrc[name]).hexdigest()}  {name}\n")
     rest = {k: v for k, v in ilsvrc.items() if k != name}
-    argv = ["--datapath", tmp_path / "data", "--mirror", server.url, "--md5-file", md5sums, *md5_flags(rest)]
+    argv = ["--datapath", tmp_path / "data", *server.mirror, "--md5-file", md5sums, *md5_flags(rest)]
     monkeypatch.setattr(dl, "RETRIES", 0)
     rc, _, err = cli(down_imagenet, argv, capsys)  # the val archive is cut: train done, val not
     assert_user_error(rc, err, "ILSVRC2012_img_val.tar", "run again to resume")
@@ -486,7 +521,7 @@ def test_down_imagenet_extracts_sorts_and_skips_what_is_complete(server, in_tmp,
 
 def test_down_imagenet_refuses_an_archive_with_the_wrong_md5(server, tmp_path, capsys, ilsvrc):
     server.files.update(ilsvrc)
-    argv = ["--datapath", tmp_path, "--mirror", server.url, "--splits", "train"]
+    argv = ["--datapath", tmp_path, *server.mirror, "--splits", "train"]
     rc, _, err = cli(down_imagenet, argv, capsys)  # the published MD5 is not that of our tiny archive
     assert_user_error(rc, err, "ILSVRC2012_img_train.tar", "md5", "1d675b47d978889d74fa0da5fadfb00e")
     assert not (tmp_path / "imagenet/ILSVRC2012_img_train.tar").exists()
