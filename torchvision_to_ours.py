@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from config import DATASETS, OneLineParser, add_flags
-from download import file_digest
+from download import add_download_flags, file_digest
 from models import DATASET_FAMILY
 from pretrained import (
     RENAMES,
@@ -64,11 +64,13 @@ def get_args_parser():
                              "(default: checkpoint/<model>/<DATA>/ckpt_best.pth)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it holds something else")
     parser.add_argument("--mirror", metavar="URL", default=None,
-                        help="fetch the same file name from this base URL instead (default: the publisher's)")
+                        help="fetch the same file name from this base URL instead; https unless --allow-http "
+                             "(default: the publisher's)")
     parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", default=None,
                         help="where downloaded files are kept "
                              "(default: torch.hub's, $TORCH_HOME/hub/checkpoints)")
     add_flags(parser, ("evaluate", "datapath", "batch_size", "workers", "cuda", "gpuids"))
+    add_download_flags(parser, max_bytes_for="a file whose size is not known", deadline=3600.0)
     return parser
 
 
@@ -101,7 +103,8 @@ def main(args) -> Path:
             if args.evaluate:
                 evaluate(args, out)
             return out
-        src, digest = fetch(known, args.cache_dir, args.mirror)
+        src, digest = fetch(known, args.cache_dir, args.mirror, allow_http=args.allow_http,
+                            max_bytes=args.max_bytes, deadline=args.deadline)
         source, acc1 = {"url": known.url, "sha256": digest}, known.acc1
     convert_file(src, model, layout)
     save_converted(model, spec, out, acc1, source)
