@@ -223,27 +223,9 @@ def _fetch(session, url: str, part: Path, algo: str, timeout, progress, max_byte
     except requests.RequestException as e:  # a malformed URL and the like: no point retrying
         raise UserError(f"cannot fetch {url}: {_short(e)}") from None
     with r:
-        if r.status_code == 416 and offset:
-            # the part file is already whole (a run stopped before the rename) or longer than the file
-            total = _total_from_content_range(r.headers.get("Content-Range", ""))
-            if total == offset:
-                return file_digest(part, algo)
-            part.unlink()
-            raise _Retry(f"the partial file did not fit the server's ({total} bytes); starting over")
-        if r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code} {r.reason}")
-        if r.status_code >= 300:
-            raise UserError(f"cannot fetch {url}: HTTP {r.status_code} {r.reason}")
-        if offset and r.status_code == 200:
-            # the server ignored Range and sends the whole file: start over rather than append
-            offset = 0
-        elif offset and r.status_code == 206:
-            start = _start_from_content_range(r.headers.get("Content-Range", ""))
-            if start != offset:
-                part.unlink()
-                raise UserError(f"{url}: asked for bytes {offset}- but the server sent "
-                                f"{r.headers.get('Content-Range') or 'no Content-Range'}; "
-                                f"the partial file was deleted, run again to start over")
+        offset = _resume_offset(r, url, part, offset)
+        if offset is None:  # the part file is already whole (a run stopped before the rename)
+            return file_digest(part, algo)
         length = r.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         if total is not None and total > max_bytes:
@@ -290,6 +272,31 @@ def _fetch(session, url: str, part: Path, algo: str, timeout, progress, max_byte
         if total is not None and got != total:
             raise _Retry(f"connection closed after {got} of {total} bytes")
         return h.hexdigest()
+
+
+def _resume_offset(r, url: str, part: Path, offset: int) -> int | None:
+    """Where the response's body goes in ``part``, from its status; None when ``part`` is whole."""
+    if r.status_code == 416 and offset:
+        # the part file is already whole or longer than the file
+        total = _total_from_content_range(r.headers.get("Content-Range", ""))
+        if total == offset:
+            return None
+        part.unlink()
+        raise _Retry(f"the partial file did not fit the server's ({total} bytes); starting over")
+    if r.status_code >= 500:
+        raise _Retry(f"HTTP {r.status_code} {r.reason}")
+    if r.status_code >= 300:
+        raise UserError(f"cannot fetch {url}: HTTP {r.status_code} {r.reason}")
+    if offset and r.status_code == 200:
+        return 0  # the server ignored Range and sends the whole file: start over rather than append
+    if offset and r.status_code == 206:
+        start = _start_from_content_range(r.headers.get("Content-Range", ""))
+        if start != offset:
+            part.unlink()
+            raise UserError(f"{url}: asked for bytes {offset}- but the server sent "
+                            f"{r.headers.get('Content-Range') or 'no Content-Range'}; "
+                            f"the partial file was deleted, run again to start over")
+    return offset
 
 
 def _write_all(f, part: Path, chunk: bytes, good: int) -> None:

@@ -298,7 +298,7 @@ def test_compressor_writes_both_files_or_neither(in_tmp, monkeypatch):
     path = fresh_checkpoint(in_tmp / FOLDER)
     argv = TINY[:7] + ["-v", "v2qq", "--np", "--ckpt", str(path), "--bn-calib", "off", "--no-track"]
 
-    def full(tmp, ckpt):
+    def full(tmp, ckpt, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(find_similar_kernel, "write_mess", full)
     name = "ckpt_best_v2qq_np_q888"
