@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, run_main
 
+from run_folder import LOCK_NAME
+
 pytestmark = pytest.mark.slow
 
 BASE = ["digits", "-a", "resnet", "--layers", "20", "--width-mult", "0.5", "-j", "0", "-b", "64",
@@ -41,7 +43,7 @@ def test_two_processes_see_every_sample_once_and_rank0_alone_writes(ddp_run, in_
     assert stdout.count("epoch 2/2 ") == 1  # one printer
     assert "DistributedDataParallel" in stdout
     assert [int(r["train_samples"]) for r in ddp_rows] == [1438, 1438]  # the train split, summed over ranks
-    files = sorted(p.name for p in (d / CKPT_DIR).iterdir())
+    files = sorted(p.name for p in (d / CKPT_DIR).iterdir() if p.name != LOCK_NAME)  # rank 0's lock
     assert files == ["ckpt_best.pth", "ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "summary.csv"]
     assert float(ddp_rows[1]["train_loss"]) < float(ddp_rows[0]["train_loss"])  # it trains
     # One model, not two: the checkpoint rank 0 wrote, evaluated in one process on the whole validation
