@@ -15,6 +15,10 @@ import csv
 import sys
 from pathlib import Path
 
+# this checkout's main.py and utils, as the sweeps run its other tools ("$ROOT/main.py"), not whichever
+# `import main` an installed copy would give
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 COLUMNS = ["sweep", "dataset", "model", "ckpt", "stage", "format", "top1", "top5", "ratio", "bits",
            "fp32_bits"]
 

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the sweep scripts: the tools, the shared settings and three helpers.
+# Sourced by the sweep scripts: the tools, the shared settings and the helpers.
 # Every setting is an environment variable; a script sets its own defaults before sourcing this.
 #   GPUS         device flags for main.py and find_similar_kernel.py ("" = CPU)
 #   BATCH WORKERS batch size and data-loading workers of main.py
@@ -66,15 +66,48 @@ each_model() {
 # retraining flags and the suffix they add to checkpoint names (-N: _s<S>, as the original's)
 if [ "$NEW" = 1 ]; then RT_NEW=(-N -s "$S"); else RT_NEW=(); fi
 
-# drop the per-epoch files of a run, keeping _best (the original's rm -f checkpoint/*/*/..._epoch_*.pth)
-clean_epochs() { rm -f checkpoint/*/"$1"/"$2"_epoch_*.pth; }
+# the folder main.py writes these flags' checkpoints to (checkpoint/<model>/<dataset>, e.g.
+# checkpoint/resnet20_w0.5/digits), by main.py's own parser and utils.build_model_from_args, so it cannot
+# drift from models.model_name; a bad model is refused as main.py would (one line, exit 2). The model is
+# built on the meta device: checked, but no weights allocated. ckpt_dir DATA MODEL-FLAGS...
+ckpt_dir() {
+    "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv.pop(1))
+import torch, config, utils
+def folder(args):
+    with torch.device("meta"):
+        print(utils.build_model_from_args(args)[2])
+utils.run_cli(folder, config.get_args_parser())' "$ROOT" "$@"
+}
+
+# main.py, then the per-epoch files that run wrote removed, its _best kept (the original's
+# rm -f checkpoint/*/*/ckpt_epoch_*.pth, narrowed to the run): run_clean DIR PREFIX MAIN-ARGS...
+# DIR is the run's ckpt_dir and PREFIX its mode's name (retrain.py's file_names: PREFIX_epoch_N.pth).
+# Of those, only the ones the run wrote go: new or replaced since a listing taken as it starts (main.py
+# renames a fresh file into place, so a written one has a new inode and mtime; any other keeps both).
+# Other models' folders, and this model's files of earlier runs (a ckpt_epoch_150.pth of a longer
+# training), stay. A listing rather than epoch numbers (-N saves only every S epochs) or main.py's
+# stdout (no interface), and no clock: a file written within the timestamps' granularity still counts.
+run_clean() {
+    local dir="$1" prefix="$2" before f; shift 2
+    mkdir -p "$dir"
+    before="$(epoch_files "$dir" "$prefix")"
+    run_main "$@"
+    LC_ALL=C comm -13 <(echo "$before") <(epoch_files "$dir" "$prefix") | while read -r f _; do
+        rm -f -- "$dir/$f"
+    done
+}
+# "NAME INODE MTIME SIZE" of DIR's PREFIX_epoch_N.pth files, sorted: epoch_files DIR PREFIX
+epoch_files() {
+    find "$1" -maxdepth 1 -type f -name "$2_epoch_[0-9]*.pth" -printf '%f %i %T@ %s\n' | LC_ALL=C sort
+}
 
 # the baseline: trained here (TRAIN=1) or expected in checkpoint/<model>/<data>/ckpt_best.pth
 train_baseline() {
-    local data="$1"; shift
+    local data="$1" dir; shift
     if [ "$TRAIN" = 1 ]; then
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" ${LR:+--lr "$LR"}
-        clean_epochs "$data" ckpt
+        dir="$(ckpt_dir "$data" "$@")"
+        run_clean "$dir" ckpt \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" ${LR:+--lr "$LR"}
     fi
 }
 
@@ -82,20 +115,21 @@ train_baseline() {
 # evaluated with the float baseline into $TABLE. quant_vs_v2qq DATA MODEL-FLAGS...
 quant_vs_v2qq() {
     local data="$1"; shift
-    local ckpts=(ckpt_best.pth) qb q qrt m mrt
+    local ckpts=(ckpt_best.pth) qb q qrt m mrt dir
+    dir="$(ckpt_dir "$data" "$@")"
     for qb in $QBS; do
         q="$(name quantized ckpt_best --qb "$qb")"
         qrt="$(name retrained "$q" -Q "$qb")"
         m="$(name compressed ckpt_best -v v2qq --qb "$qb")"
         mrt="$(name retrained "$m" "${RT_NEW[@]}")"
         run_quantize "$data" "$@" --ckpt ckpt_best.pth --qb "$qb"
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+        run_clean "$dir" "${qrt%_best.pth}" \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
             -T -Q --qb "$qb" --ckpt "$q"
-        clean_epochs "$data" "${qrt%_best.pth}"
         run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v v2qq --qb "$qb"
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+        run_clean "$dir" "${mrt%_best.pth}" \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
             -T --ckpt "$m" "${RT_NEW[@]}" -v v2qq --qb "$qb"
-        clean_epochs "$data" "${mrt%_best.pth}"
         ckpts+=("$q" "$qrt" "$m" "$mrt")
     done
     peers "$data" "$@"
@@ -108,9 +142,11 @@ quant_vs_v2qq() {
 # vq<B> (2^B 3x3 kernels per layer). Fills PEER_CKPTS. peers DATA MODEL-FLAGS...
 peers() {
     local data="$1"; shift
-    local p bits method gran out rt
+    local p bits method gran out rt dir
     PEER_CKPTS=()
-    for p in ${PEERS:-}; do
+    [ -n "${PEERS:-}" ] || return 0
+    dir="$(ckpt_dir "$data" "$@")"
+    for p in $PEERS; do
         case "$p" in
             km*c) method=kmeans; gran=channel; bits="${p:2:-1}" ;;
             km*) method=kmeans; gran=tensor; bits="${p:2}" ;;
@@ -120,9 +156,9 @@ peers() {
         out="$(name quantized ckpt_best --qb "$bits" --method "$method" --granularity "$gran")"
         rt="$(name retrained "$out")"
         run_quantize "$data" "$@" --ckpt ckpt_best.pth --method "$method" --granularity "$gran" --qb "$bits"
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
+        run_clean "$dir" "${rt%_best.pth}" \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" $RT_FLAGS \
             -T --ckpt "$out"
-        clean_epochs "$data" "${rt%_best.pth}"
         PEER_CKPTS+=("$out" "$rt")
     done
 }
@@ -132,14 +168,15 @@ peers() {
 # mess_sweep VERSION DATA MODEL-FLAGS...
 mess_sweep() {
     local version="$1" data="$2"; shift 2
-    local ckpts=(ckpt_best.pth) qb m rt
+    local ckpts=(ckpt_best.pth) qb m rt dir
+    dir="$(ckpt_dir "$data" "$@")"
     for qb in $QBS; do
         run_compress "$data" "$@" $GPUS --ckpt ckpt_best.pth -v "$version" --qb "$qb"
         m="$(name compressed ckpt_best -v "$version" --qb "$qb")"
         rt="$(name retrained "$m" "${RT_NEW[@]}")"
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
+        run_clean "$dir" "${rt%_best.pth}" \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$RT_EPOCHS" --lr "$RT_LR" \
             -T --ckpt "$m" "${RT_NEW[@]}" -v "$version"
-        clean_epochs "$data" "${rt%_best.pth}"
         ckpts+=("$m" "$rt")
     done
     collect "$data" "$@" -- "${ckpts[@]}"

@@ -19,10 +19,11 @@ source "$(dirname "$0")/common.sh"
 # the original's "new method" from scratch: -N -s S -v v2qq at each bit width of $QBS
 new_method() {
     local data="$1"; shift
-    local ckpts=() qb
+    local ckpts=() qb dir
+    dir="$(ckpt_dir "$data" "$@")"
     for qb in $QBS; do
-        run_main "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" -N -s "$S" -v v2qq --qb "$qb"
-        clean_epochs "$data" "ckpt_new_v2qq_q${qb}88_s$S"
+        run_clean "$dir" "ckpt_new_v2qq_q${qb}88_s$S" \
+            "$data" "$@" $GPUS -j "$WORKERS" -b "$BATCH" --epochs "$EPOCHS" -N -s "$S" -v v2qq --qb "$qb"
         ckpts+=("ckpt_new_v2qq_q${qb}88_s${S}_best.pth")
     done
     collect "$data" "$@" -- "${ckpts[@]}"
