@@ -39,17 +39,18 @@ def baseline(tmp_path_factory):
 FOREIGN = "resnet20"  # another model of the dataset, whose files no sweep of a thinned model may touch
 
 
-def plant_decoys(cwd, model, prefixes):
+def plant_decoys(cwd, model, prefixes, same_names=False):
     """Per-epoch files a sweep must leave alone: under another model's folder, the names this run writes
-    (``<prefix>_epoch_1.pth``); under the run's own folder, an earlier, longer run's (``_epoch_99``).
-    ``{path: content}``."""
+    (``<prefix>_epoch_1.pth``); under the run's own folder, another run's (``<prefix>_other_epoch_99``)
+    or, with ``same_names``, an earlier, longer run's (``<prefix>_epoch_99``: main.py refuses to train
+    from scratch beside that one, run_folder.py). ``{path: content}``."""
     assert model != FOREIGN
     decoys = {}
-    for folder, epoch in ((FOREIGN, 1), (model, 99)):
+    for folder, epoch, tag in ((FOREIGN, 1, ""), (model, 99, "" if same_names else "_other")):
         d = cwd / "checkpoint" / folder / "digits"
         d.mkdir(parents=True, exist_ok=True)
         for prefix in prefixes:
-            path = d / f"{prefix}_epoch_{epoch}.pth"
+            path = d / f"{prefix}{tag}_epoch_{epoch}.pth"
             path.write_bytes(f"decoy {folder} {prefix} {epoch}".encode())
             decoys[path] = path.read_bytes()
     return decoys
@@ -139,7 +140,7 @@ def test_sweep_cleanup_spares_other_models_and_runs(tmp_path):
     """common.sh's run_clean in the folder of ckpt_dir (resnet20_w0.5): the run's ckpt_epoch_1.pth (over
     an earlier one) and ckpt_epoch_2.pth go, its ckpt_best.pth stays; another model's ckpt_epoch_1.pth,
     an earlier run's ckpt_epoch_99.pth and another run's ckpt_rt1_q4_epoch_1.pth stay."""
-    decoys = plant_decoys(tmp_path, "resnet20_w0.5", ["ckpt", "ckpt_rt1_q4"])
+    decoys = plant_decoys(tmp_path, "resnet20_w0.5", ["ckpt", "ckpt_rt1_q4"], same_names=True)
     own = tmp_path / "checkpoint/resnet20_w0.5/digits"
     (own / "ckpt_epoch_1.pth").write_text("an earlier run's, written again by this one")
     script = f'source "$0"; dir="$(ckpt_dir "$@")"; {WRITE_LIKE_MAIN}; run_clean "$dir" ckpt "$@"'
