@@ -253,15 +253,18 @@ def _run(args, tracker, d: Dist):
     if not args.evaluate:
         # mode, names and parametrizations (retrain.py), with every flag error before data is read
         run = retrain.Retrainer.create(args, model, retrain.decide(args, ckpt, path), ckpt, device, d)
-    if d.is_main:  # writable, with room, before the data is read and an epoch is spent
-        run_folder.check_room(ckpt_dir, model, args.evaluate)
     run_id = (ckpt or {}).get("run_id") if args.resume else None
     run_id = run_id if isinstance(run_id, str) else run_folder.new_run_id()
-    if args.evaluate:
-        return _evaluate(args, rt, model, criterion, ckpt, ckpt_dir, run_id)
-    with run_folder.folder_lock(ckpt_dir, run_id, d):
-        if d.is_main and not args.resume:
-            run_folder.refuse_or_clear(ckpt_dir, run.spec.prefix, args.overwrite, console)
+    with contextlib.ExitStack() as held:
+        def claim():  # the folder: writable, with room, this run's alone, before data is read
+            run_folder.check_room(ckpt_dir, model, args.evaluate)
+            if not args.evaluate:
+                held.enter_context(run_folder.folder_lock(ckpt_dir, run_id))
+                if not args.resume:
+                    run_folder.refuse_or_clear(ckpt_dir, run.spec.prefix, args.overwrite, console)
+        run_folder.on_main(claim, d)
+        if args.evaluate:
+            return _evaluate(args, rt, model, criterion, ckpt, ckpt_dir, run_id)
         return _train(args, rt, model, criterion, run, ckpt, path, ckpt_dir, spec, tracker, run_id)
 
 

@@ -80,13 +80,28 @@ def _listing(files: list[Path]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]}, ..., {names[-1]}: {len(names)} files"
 
 
+def on_main(fn, d: Dist) -> None:
+    """``fn()`` on rank 0 (the one that writes), its ``UserError`` raised on every rank of a torchrun job,
+    so that none waits for the others at the first collective."""
+    error = None
+    if d.is_main:
+        try:
+            fn()
+        except UserError as e:
+            error = str(e)
+    if d.enabled:
+        import torch.distributed as dist
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error if d.is_main else f"rank 0 refused the run: {error}")
+
+
 @contextlib.contextmanager
-def folder_lock(folder: Path, run_id: str, d: Dist = Dist()):
-    """Hold ``folder`` for this run (rank 0 of a torchrun job) while it trains; a second run into the same
-    folder is refused at once. An ``flock``: the system releases it when the process ends, however."""
-    if not d.is_main:
-        yield
-        return
+def folder_lock(folder: Path, run_id: str):
+    """Hold ``folder`` for this run while it trains; a second run into the same folder is refused at once.
+    An ``flock``: the system releases it when the process ends, however."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     f = open(path, "a+")
