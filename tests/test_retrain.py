@@ -294,11 +294,11 @@ def nuclear_and_correlation(path):
 
 @pytest.mark.slow
 def test_nl_lowers_the_nuclear_norm_and_pl_raises_the_correlation(work):
-    scratch = TINY + ["--epochs", "1", "--lr", "0.05"]
+    # a folder of their own: the module's trained run (work) stays as the other tests expect it
+    scratch = TINY + ["--epochs", "1", "--lr", "0.05", "--ckpt-dir", "scratch"]
     base = nuclear_and_correlation(run_main(scratch)["saved"][0])
-    # from scratch, the regularized runs write the plain run's names: over it, as told
-    nl = run_main(scratch + ["--nl", "--nls", "0.01", "--overwrite"])
-    pl = run_main(scratch + ["--pl", "--pls", "1", "--overwrite"])
+    nl = run_main(scratch + ["--nl", "--nls", "0.01"])
+    pl = run_main(scratch + ["--pl", "--pls", "1"])
     assert nl["saved"][0].name == "ckpt_nl0.01_epoch_1.pth" and pl["saved"][0].name == "ckpt_pl1_epoch_1.pth"
     nuc, corr = nuclear_and_correlation(nl["saved"][0])[0], nuclear_and_correlation(pl["saved"][0])[1]
     print(f"\nnuclear norm {base[0]:.1f} -> {nuc:.1f} with --nl; "
