@@ -89,48 +89,35 @@ def _alive(pid: int) -> bool:
 def atomic_write(path, write_fn):
     """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see half a file. The file gets
     the mode the umask gives a new file (mkstemp's 0600 is for the temporary name only); stale temporary
-    files of ``path`` from a killed process are removed first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, quota, a folder made read-only meanwhile
-        _unlink(tmp)
-        kept = f"{path.name} is as it was" if path.exists() else f"{path.name} was not written"
-        raise UserError(f"cannot write {path}: {(e.strerror or str(e)).lower()}; {kept}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
+    files of ``path`` from a killed process are removed first. Returns what ``write_fn`` returned."""
+    return write_together([(path, write_fn)])[0]
 
 
 def write_together(writes) -> list:
-    """Files that belong together (a compressed checkpoint and its ``.mess``): ``writes`` is a list of
-    ``(path, write_fn)``; each ``write_fn(tmp)`` writes its file under a temporary name, and only when all
-    have succeeded are they renamed into place, so a failure leaves every old file as it was and no new
-    one. Returns what each ``write_fn`` returned."""
-    tmps, out = [], []
+    """``atomic_write`` for files that belong together (a compressed checkpoint and its ``.mess``):
+    ``writes`` is a list of ``(path, write_fn)``; each ``write_fn(tmp)`` writes its file under a temporary
+    name, and only when all have succeeded are they renamed into place, so a failure leaves every old file
+    as it was and no new one. Returns what each ``write_fn`` returned."""
+    writes = [(Path(p), fn) for p, fn in writes]
+    tmps, out, path = [], [], None
     try:
         for path, fn in writes:
-            path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_tmp(path.parent, path.name)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(tmp)
-            try:
-                out.append(fn(tmp))
-                os.chmod(tmp, 0o666 & ~_umask())
-            except OSError as e:
-                names = ", ".join(Path(p).name for p, _ in writes)
-                raise UserError(f"cannot write {path}: {(e.strerror or str(e)).lower()}; none of {names} was "
-                                f"written (files of those names already there are as they were)") from None
+            out.append(fn(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
         for (path, _), tmp in zip(writes, tmps):
             os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, a folder made read-only meanwhile
+        if len(writes) == 1:
+            kept = f"{path.name} is as it was" if path.exists() else f"{path.name} was not written"
+        else:
+            kept = (f"none of {', '.join(p.name for p, _ in writes)} was written (files of those names "
+                    f"already there are as they were)")
+        raise UserError(f"cannot write {path}: {(e.strerror or str(e)).lower()}; {kept}") from None
     finally:
         for tmp in tmps:
             _unlink(tmp)  # those not renamed
