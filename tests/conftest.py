@@ -69,26 +69,3 @@ def digits_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return folder
-
-
-# ---------------------------------------------------------------- the download tests' shared fixtures
-@pytest.fixture
-def server():
-    """A local HTTP server on 127.0.0.1 (tests/test_download.py's ``Server``)."""
-    from test_download import Server
-    s = Server()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def resnet20_file():
-    """The bytes of a chenyaofo-layout CIFAR ResNet-20 state_dict (what that publisher serves)."""
-    import io
-
-    import torch
-    from test_convert import CifarResNet
-    torch.manual_seed(0)
-    buf = io.BytesIO()
-    torch.save(CifarResNet([3, 3, 3], num_classes=10).state_dict(), buf)
-    return buf.getvalue()

@@ -135,6 +135,11 @@ class Server:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
 
 
 FAST = dict(retries=0, backoff=0.0, timeout=(2.0, 0.5), allow_http=True)  # the server is http

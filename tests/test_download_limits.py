@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 from conftest import assert_user_error
-from test_download import BLOB, FAST, cli, meta_mat, serve_as, sha
+from test_download import BLOB, FAST, Server, cli, meta_mat, serve_as, sha
 
 import down_ckpt
 import down_imagenet
@@ -24,6 +24,23 @@ from download import download
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEY = ("cifar10", "resnet20")  # chenyaofo's: no size known, so --max-bytes caps it
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def resnet20_file():
+    import torch
+    from test_convert import CifarResNet
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(CifarResNet([3, 3, 3], num_classes=10).state_dict(), buf)
+    return buf.getvalue()
 
 
 def no_part_files(folder):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, assert_user_error
 from test_download import BLOB, FAST, Server, cli, serve_as, sha
 
@@ -45,12 +46,25 @@ def prefix_collision(base: bytes) -> tuple[bytes, bytes]:
 
 
 @pytest.fixture(scope="module")
-def forged(resnet20_file):
+def forged():
     """(the published file, a forged one under the same name): chenyaofo-layout resnet20s that
     both load (torch.load ignores bytes after the archive) and share the 32-bit prefix."""
-    a, b = prefix_collision(resnet20_file)
+    import io
+
+    from test_convert import CifarResNet
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(CifarResNet([3, 3, 3], num_classes=10).state_dict(), buf)
+    a, b = prefix_collision(buf.getvalue())
     assert a != b and sha(a)[:8] == sha(b)[:8] and sha(a) != sha(b)
     return a, b
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="module")
