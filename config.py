@@ -10,7 +10,7 @@ import math
 import sys
 
 from mess.settings import VERSIONS
-from models import DATASET_FAMILY, list_models
+from models import DATASET_FAMILY, default_depth, list_models, supported_depths
 
 DATASETS = tuple(DATASET_FAMILY)
 
@@ -33,6 +33,8 @@ class OneLineParser(argparse.ArgumentParser):
             for a in self._actions:
                 a.default = saved[a.dest]
         setattr(ns, GIVEN, frozenset(vars(typed)))
+        if getattr(ns, "layers", 0) is None and hasattr(ns, "arch"):  # the architecture's own depth
+            ns.layers = default_depth(ns.arch, getattr(ns, "dataset", ""))
         return ns, rest
 
 
@@ -71,6 +73,17 @@ def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
     return parse
 
 
+def _depth_defaults() -> str:
+    """``resnet 20 (imagenet 18), ...``: each architecture's default depth, for --layers's help."""
+    out = []
+    for arch in list_models():
+        cifar, imagenet = default_depth(arch, "cifar10"), default_depth(arch, "imagenet")
+        if supported_depths(arch, "cifar10") or supported_depths(arch, "imagenet"):
+            out.append(f"{arch} {cifar}" + (f" (imagenet {imagenet})" if imagenet != cifar
+                                             and supported_depths(arch, "imagenet") else ""))
+    return ", ".join(out)
+
+
 POSITIVE, NONNEGATIVE = _number(float, 0, low_open=True), _number(float, 0)
 FRACTION = _number(float, 0, 1, high_open=True)  # momentum
 WIDTH = _number(float, 0, 64, low_open=True)  # --width-mult: beyond 64 no model of this suite fits in memory
@@ -82,7 +95,9 @@ FLAGS = {
     "dataset": _flag("dataset", metavar="DATA",
                      help=f"dataset: {' | '.join(DATASETS)} (default: cifar10)"),
     "arch": _flag("-a", "--arch", metavar="ARCH", default="mobilenet",
-                  help=f"model architecture: {' | '.join(list_models())} (default: mobilenet)"),
+                  help=f"model architecture: {' | '.join(list_models())} (default: mobilenet; with --ckpt "
+                       f"the checkpoint's own, and -a, --layers, --width-mult, --bn, when given, must "
+                       f"agree with it)"),
     "workers": _flag("-j", "--workers", type=int, default=8, metavar="N",
                      help="number of data loading workers (default: 8)"),
     "epochs": _flag("--epochs", type=int, default=200, metavar="N",
@@ -97,8 +112,9 @@ FLAGS = {
     "momentum": _flag("--momentum", type=FRACTION, default=0.9, metavar="M", help="momentum (default: 0.9)"),
     "weight_decay": _flag("--wd", "--weight-decay", dest="weight_decay", type=NONNEGATIVE, default=5e-4,
                           metavar="W", help="weight decay (default: 5e-4)"),
-    "layers": _flag("--layers", type=int, default=16, metavar="N",
-                    help="number of layers in VGG/ResNet/WideResNet (default: 16)"),
+    "layers": _flag("--layers", type=int, default=None, metavar="N",
+                    help=f"number of layers in VGG/ResNet/WideResNet (default: {_depth_defaults()}; "
+                         f"mobilenet and mobilenetv2 have no depth)"),
     "bn": _flag("--bn", "--batch-norm", dest="bn", action="store_true", help="Use batch norm in VGG?"),
     "width_mult": _flag("--width-mult", dest="width_mult", type=WIDTH, default=1.0, metavar="WM",
                         help="width multiplier to thin a network uniformly at each layer (default: 1.0)"),
@@ -107,7 +123,9 @@ FLAGS = {
     "print_freq": _flag("-p", "--print-freq", dest="print_freq", type=int, default=100, metavar="N",
                         help="print frequency (default: 100)"),
     "ckpt": _flag("--ckpt", default="", metavar="PATH",
-                  help="Path of checkpoint for resuming/testing or retraining model (Default: none)"),
+                  help="checkpoint (.pth) or packed file (.mess) to resume, test or retrain from: a path "
+                       "from anywhere, or a file name looked up in the run's checkpoint folder; the model "
+                       "is the one it holds (default: none)"),
     "resume": _flag("-R", "--resume", action="store_true", help="Resume model?"),
     "evaluate": _flag("-E", "--evaluate", action="store_true", help="Test model?"),
     "cuda": _flag("-C", "--cuda", action="store_true", help="Use cuda?"),

@@ -38,9 +38,10 @@ from utils import (
     build_model_from_args,
     check_arch,
     ckpt_dir_of,
+    fill_depth,
     init_distributed,
-    load_any_checkpoint,
     load_state_dict_checked,
+    read_checkpoint,
     resolve_ckpt,
     rng_state,
     run_cli,
@@ -233,8 +234,8 @@ def _run(args, tracker, d: Dist):
     if args.batch_size % d.world_size:
         raise UserError(f"-b {args.batch_size} is the total batch size; it must divide by the "
                         f"{d.world_size} processes")
-    ckpt, path = read_input_checkpoint(args) if args.resume else (None, None)
-    if args.resume:  # before the model is built: the run's own flags rebuild it
+    ckpt, path = read_input_checkpoint(args)  # before the model is built: the checkpoint names its own
+    if args.resume:  # and the run's own flags rebuild the run
         resume.apply_recorded_flags(args, ckpt, path, console)
         resume.check_resume_state(ckpt, path)
     if args.lr is None:  # -R of a run that recorded no flags
@@ -244,8 +245,6 @@ def _run(args, tracker, d: Dist):
     set_seed(args.seed)  # before the model is built: its initial weights come from this seed
     model, spec, ckpt_dir = build_model_from_args(args)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir
-    if not args.resume:  # -E, -T: a .mess file is read against the model's tensors
-        ckpt, path = read_input_checkpoint(args, model)
     if ckpt is not None:
         load_into(model, ckpt, spec, path)
     criterion = nn.CrossEntropyLoss()
@@ -338,14 +337,15 @@ def resumed_lr(ckpt: dict) -> float:
     return SCRATCH_LR
 
 
-def read_input_checkpoint(args, model=None):
-    """(checkpoint, path) that -R, -E or -T start from, read (not yet loaded into a model); (None, None)
-    when the run starts from the seed. A bare --ckpt name is looked up in the folder the flags name."""
+def read_input_checkpoint(args):
+    """(checkpoint, path) that -R, -E or -T start from, read (not yet loaded into a model) and the model
+    flags made the network it declares (utils.adopt_arch); (None, None) when the run starts from the
+    seed. A bare --ckpt name is looked up in the folder the flags name."""
     if not (args.ckpt and (args.resume or args.evaluate or args.retrain)):
         return None, None
-    folder = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(args))
+    folder = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(fill_depth(args)))
     path = resolve_ckpt(args.ckpt, folder)
-    return load_any_checkpoint(path, model), path  # a .mess file too
+    return read_checkpoint(args, path), path  # a .mess file too
 
 
 def load_into(model, ckpt: dict, spec: dict, path) -> None:

@@ -23,7 +23,7 @@ from mess.checkpoint import (  # noqa: F401  (the CLIs' one import of them)
 )
 from mess.errors import UserError
 from mess.packed_format import SUFFIX as PACKED_SUFFIX
-from mess.packed_read import read_mess
+from mess.packed_read import read_arch, read_mess
 
 CKPT_ROOT = Path("checkpoint")
 
@@ -80,9 +80,19 @@ def ckpt_dir_of(spec: dict) -> Path:
     return CKPT_ROOT / name / spec["dataset"]
 
 
+def fill_depth(args):
+    """``args`` with --layers the architecture's default depth where not set: a namespace built without
+    the parser (which sets it)."""
+    if args.layers is None:
+        import models
+        args.layers = models.default_depth(args.arch, args.dataset)
+    return args
+
+
 def build_model_from_args(args):
     """``(model, spec, ckpt_dir)`` for the model the flags describe; a bad spec is a ``UserError``."""
     import models
+    fill_depth(args)
     try:
         model = models.build_model(args.arch, args.dataset, args.layers, args.width_mult, args.bn)
     except models.ModelError as e:
@@ -92,8 +102,59 @@ def build_model_from_args(args):
     return model, spec, ckpt_dir_of(spec)
 
 
+ARCH_DESTS = ("arch", "layers", "width_mult", "bn")  # the flags a checkpoint's ``arch`` entry answers
+
+
+def arch_flags(spec: dict) -> str:
+    """The command-line flags that build ``spec``'s network: ``-a resnet --layers 20 --width-mult 0.5``."""
+    import models
+    out = f"-a {spec['arch']}"
+    if models.uses_depth(spec["arch"]):
+        out += f" --layers {spec['layers']}"
+    if spec.get("width_mult", 1.0) != 1.0:
+        out += f" --width-mult {spec['width_mult']:g}"
+    if spec.get("bn") and models.uses_bn_flag(spec["arch"]):
+        out += " --bn"
+    return out
+
+
+def _differs(dest: str, ours, theirs: dict) -> bool:
+    """Whether a model flag builds another network than the checkpoint's (a depth or --bn that the
+    architecture ignores builds the same)."""
+    import models
+    if dest == "layers" and not models.uses_depth(theirs["arch"]):
+        return False
+    if dest == "bn" and not models.uses_bn_flag(theirs["arch"]):
+        return False
+    if dest == "width_mult":
+        return float(ours) != float(theirs[dest])
+    return ours != theirs[dest]
+
+
+def adopt_arch(args, ckpt: dict, path) -> None:
+    """The model flags become the network ``ckpt`` declares (its ``arch`` entry), so that a checkpoint or
+    .mess file given by path rebuilds its own model; a model flag the command line gave must agree, and a
+    disagreement names the flags that would. A checkpoint that declares nothing (a published file) is
+    left to the flags."""
+    theirs = ckpt.get("arch")
+    if not isinstance(theirs, dict) or any(k not in theirs for k in ARCH_DESTS):
+        return
+    from config import given_flags
+    given = given_flags(args)
+    given = set(ARCH_DESTS) if given is None else given  # a namespace of the API: every flag counts
+    wrong = [d for d in ARCH_DESTS if d in given and _differs(d, getattr(args, d), theirs)]
+    if wrong:
+        from models import model_name
+        ours = {d: getattr(args, d) for d in ARCH_DESTS}
+        raise UserError(f"{path} holds a {model_name(**{k: theirs[k] for k in ARCH_DESTS})}, but "
+                        f"{arch_flags(ours)} builds a {model_name(**ours)}; give {arch_flags(theirs)}, or "
+                        f"no architecture flags: the checkpoint names its own")
+    for d in ARCH_DESTS:
+        setattr(args, d, theirs[d])
+
+
 def check_arch(ckpt: dict, spec: dict, path) -> None:
-    """Refuse a checkpoint of another architecture, naming both."""
+    """Refuse a checkpoint of another architecture, naming both and the flags that build its own."""
     theirs = ckpt.get("arch")
     if not theirs:
         return
@@ -105,7 +166,8 @@ def check_arch(ckpt: dict, spec: dict, path) -> None:
         return f"{arch} with {d['num_classes']} classes"
 
     if any(theirs.get(k) != spec.get(k) for k in keys if k in theirs):
-        raise UserError(f"{path} holds a {name(theirs)}, but this run builds a {name(spec)}")
+        hint = f"; give {arch_flags(theirs)}" if all(k in theirs for k in ARCH_DESTS) else ""
+        raise UserError(f"{path} holds a {name(theirs)}, but this run builds a {name(spec)}{hint}")
     # equal shapes, other classes: a network of one data set scores by chance on another's labels
     if theirs.get("dataset") and spec.get("dataset") and theirs["dataset"] != spec["dataset"]:
         raise UserError(f"{path} was trained on {theirs['dataset']}, but this run is on {spec['dataset']}; "
@@ -113,11 +175,34 @@ def check_arch(ckpt: dict, spec: dict, path) -> None:
 
 
 def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
-    """``--ckpt`` as given if that file exists, else inside the run's checkpoint folder."""
-    p = Path(ckpt)
-    if p.is_file() or p.is_absolute() or len(p.parts) > 1:
+    """``--ckpt`` as given if that file exists (a path from anywhere), else inside the run's checkpoint
+    folder; a file in neither place is a ``UserError`` that names the paths looked at."""
+    p = Path(ckpt).expanduser()
+    if p.is_file():
         return p
-    return ckpt_dir / p
+    if p.is_absolute() or len(p.parts) > 1:
+        tried = [p]
+    else:
+        tried = [p, ckpt_dir / p]
+        if tried[1].is_file():
+            return tried[1]
+    where = " nor ".join(str(t.absolute()) for t in tried)
+    raise UserError(f"checkpoint not found: {ckpt} (neither {where} exists)" if len(tried) > 1 else
+                    f"checkpoint not found: {p.absolute()}")
+
+
+def read_checkpoint(args, path) -> dict:
+    """The checkpoint or .mess file at ``path`` read before its model is built, and the model flags made
+    its own (``adopt_arch``). A .mess file is checked against the network it declares before anything
+    of it is decoded; one that declares none, against the model the flags build."""
+    if str(path).endswith(PACKED_SUFFIX):
+        arch = read_arch(path)
+        model = None if arch is not None else build_model_from_args(args)[0]
+        ckpt = read_mess(path, model=model, build=build_declared)
+    else:
+        ckpt = load_checkpoint(path)
+    adopt_arch(args, ckpt, path)
+    return ckpt
 
 
 def build_declared(arch: dict):
@@ -140,14 +225,15 @@ def load_any_checkpoint(path, model=None) -> dict:
 
 
 def load_model(args):
-    """``(model, ckpt, path)``: the model the flags describe with ``--ckpt`` (any checkpoint or .mess
-    file, a bare name looked up as main.py does) loaded into it; without ``--ckpt`` its freshly
-    initialised float32 weights and ``path`` None."""
-    model, spec, ckpt_dir = build_model_from_args(args)
+    """``(model, ckpt, path)``: the model ``--ckpt`` holds (any checkpoint or .mess file, a path or a bare
+    name looked up as main.py does; the flags, where given, must agree with it) with its weights loaded;
+    without ``--ckpt`` the model the flags describe, freshly initialised, and ``path`` None."""
     if not args.ckpt:
+        model, spec, _ = build_model_from_args(args)
         return model, {"model": model.state_dict(), "arch": spec}, None
-    path = resolve_ckpt(args.ckpt, ckpt_dir)
-    ckpt = load_any_checkpoint(path, model)
+    path = resolve_ckpt(args.ckpt, ckpt_dir_of(vars(fill_depth(args))))
+    ckpt = read_checkpoint(args, path)
+    model, spec, _ = build_model_from_args(args)
     check_arch(ckpt, spec, path)
     load_state_dict_checked(model, ckpt["model"], path)
     return model, ckpt, path

@@ -351,6 +351,20 @@ def read_mess(path, *, model=None, build=None) -> dict:
         return _decode(read, path.stat().st_size, path, model, build)
 
 
+def read_arch(path) -> dict | None:
+    """The architecture a ``.mess`` file declares (its ``arch`` entry, validated), or None: read from the
+    header alone, so that a command can build the network before the weights are decoded against it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        def read(off, n):
+            f.seek(off)
+            return f.read(n)
+        header, _ = _safetensors_header(read, path.stat().st_size, path)
+    return _check_meta(header["__metadata__"]["mess"], path).get("arch")
+
+
 class _Budget:
     """The decoded bytes the plan allows, spent before each allocation of the decoder: a decoder that
     strayed from the plan fails instead of allocating what the file does not describe."""

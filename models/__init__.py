@@ -13,6 +13,7 @@ from .registry import (  # noqa: F401  (the package's public names)
     ModelError,
     build_model,
     dataset_family,
+    default_depth,
     has_variant,
     input_stats,
     list_models,
@@ -20,6 +21,7 @@ from .registry import (  # noqa: F401  (the package's public names)
     register_model,
     scaled,
     supported_depths,
+    uses_bn_flag,
     uses_depth,
 )
 

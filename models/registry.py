@@ -21,6 +21,7 @@ class _Entry:
     depths: dict  # family -> tuple of supported depths, or () when depth is ignored
     uses_bn_flag: bool
     input_stats: tuple | None  # ((mean,) * 3, (std,) * 3) every input is normalised with, or None
+    default_depth: dict  # family -> the depth --layers means when not given
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -35,17 +36,39 @@ DATASET_FAMILY = {
 }
 
 
-def register_model(name: str, depths: dict, uses_bn_flag: bool = False, input_stats: tuple | None = None):
+LEGACY_LAYERS = 16  # the original's --layers default: what a depth-less architecture records
+
+
+def register_model(name: str, depths: dict, uses_bn_flag: bool = False, input_stats: tuple | None = None,
+                   default_depth: dict | None = None):
     """Decorator registering a builder under ``name``; duplicates are refused.
 
     ``input_stats``: the per-channel (mean, std) this architecture's inputs are always
-    normalised with, in place of the data set's own (None: the data set's)."""
+    normalised with, in place of the data set's own (None: the data set's). ``default_depth``: per
+    family, the depth built when --layers is not given (one of ``depths``)."""
+    default_depth = default_depth or {}
+    for family, d in default_depth.items():
+        if d not in depths.get(family, ()):
+            raise RuntimeError(f"model {name!r}: default depth {d} is not one of its {family} depths")
     def deco(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
-        _REGISTRY[name] = _Entry(fn, depths, uses_bn_flag, input_stats)
+        _REGISTRY[name] = _Entry(fn, depths, uses_bn_flag, input_stats, default_depth)
         return fn
     return deco
+
+
+def default_depth(arch: str, dataset: str) -> int:
+    """The depth ``arch`` builds for ``dataset`` when --layers is not given (resnet: 20 on CIFAR-style
+    data, 18 on ImageNet); the original's 16 for a depth-less architecture, an unknown one or data set
+    (whose build then fails with its own message)."""
+    entry = _REGISTRY.get(arch)
+    family = DATASET_FAMILY.get(dataset, (None,))[0]
+    return entry.default_depth.get(family, LEGACY_LAYERS) if entry else LEGACY_LAYERS
+
+
+def uses_bn_flag(arch: str) -> bool:
+    return arch in _REGISTRY and _REGISTRY[arch].uses_bn_flag
 
 
 def list_models() -> list[str]:
@@ -87,8 +110,10 @@ def model_name(arch: str, layers: int, width_mult: float = 1.0, bn: bool = False
     return name
 
 
-def build_model(arch: str, dataset: str, layers: int = 16, width_mult: float = 1.0,
+def build_model(arch: str, dataset: str, layers: int | None = None, width_mult: float = 1.0,
                 bn: bool = False, num_classes: int | None = None) -> nn.Module:
+    if layers is None:
+        layers = default_depth(arch, dataset)
     if arch not in _REGISTRY:
         raise ModelError(f"unknown architecture {arch!r}; choose from {', '.join(list_models())}")
     family = dataset_family(dataset)

@@ -145,7 +145,8 @@ IMAGENET_DEPTHS = {
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # 6n + 2 with n = 3, 5, 7, 9, 18
 
 
-@register_model("resnet", depths={"cifar": CIFAR_DEPTHS, "imagenet": tuple(IMAGENET_DEPTHS)})
+@register_model("resnet", depths={"cifar": CIFAR_DEPTHS, "imagenet": tuple(IMAGENET_DEPTHS)},
+                default_depth={"cifar": 20, "imagenet": 18})
 def _build(family, layers, width_mult, bn, num_classes):
     if family == "cifar":
         n = (layers - 2) // 6
@@ -163,7 +164,8 @@ CIFAR_A_DEPTHS = (20, 32, 44, 56, 110, 1202)
 AKAMASTER_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-@register_model("resnet_a", depths={"cifar": CIFAR_A_DEPTHS}, input_stats=AKAMASTER_STATS)
+@register_model("resnet_a", depths={"cifar": CIFAR_A_DEPTHS}, input_stats=AKAMASTER_STATS,
+                default_depth={"cifar": 20})
 def _build_a(family, layers, width_mult, bn, num_classes):
     n = (layers - 2) // 6
     planes = [scaled(c, width_mult) for c in (16, 32, 64)]

@@ -63,6 +63,7 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model("vgg", depths={"cifar": tuple(CFGS), "imagenet": tuple(CFGS)}, uses_bn_flag=True)
+@register_model("vgg", depths={"cifar": tuple(CFGS), "imagenet": tuple(CFGS)}, uses_bn_flag=True,
+                default_depth={"cifar": 16, "imagenet": 16})
 def _build(family, layers, width_mult, bn, num_classes):
     return VGG(CFGS[layers], bn, num_classes, width_mult, imagenet=family == "imagenet")

@@ -74,7 +74,8 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@register_model("wideresnet", depths={"cifar": CIFAR_DEPTHS, "imagenet": IMAGENET_WIDE_DEPTHS})
+@register_model("wideresnet", depths={"cifar": CIFAR_DEPTHS, "imagenet": IMAGENET_WIDE_DEPTHS},
+                default_depth={"cifar": 28, "imagenet": 50})
 def _build(family, layers, width_mult, bn, num_classes):
     if family == "cifar":
         return WideResNet(layers, width_mult, num_classes)
