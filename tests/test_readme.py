@@ -19,9 +19,9 @@ def shell_commands(path: Path) -> list[str]:
     cmds = []
     for block in re.findall(r"^```shell\n(.*?)^```", path.read_text(), flags=re.M | re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words:
-                cmds.append(shlex.join(words))
+            line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())  # as written: bash reads the quotes
+            if line:
+                cmds.append(line)
     return cmds
 
 
