@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 from mess.settings import VERSIONS
@@ -21,6 +22,20 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+    def _add_action(self, action):
+        # what argparse itself requires (a positional DATA, SOURCE) says so in -h, as mark_required's flags do
+        if action.required:
+            _say_required(action)
+        return super()._add_action(action)
+
+    def mark_required(self, *dests: str) -> OneLineParser:
+        """-h says "(required)", in place of the shared help's default, for the flags a tool checks it was
+        given itself (the compressors' --ckpt: their own message says what the file is for)."""
+        for action in self._actions:
+            if action.dest in dests:
+                _say_required(action)
+        return self
 
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
@@ -39,6 +54,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 GIVEN = "_given_flags"
+_DEFAULT = re.compile(r"\s*\(default: [^()]*\)$")
+
+
+def _say_required(action) -> None:
+    if action.help and action.help != argparse.SUPPRESS and "(required)" not in action.help:
+        action.help = _DEFAULT.sub("", action.help) + " (required)"
+
+
 
 
 def given_flags(args) -> frozenset | None:
@@ -93,7 +116,7 @@ SEED = _number(int, -2**63, 2**64 - 1)  # what torch.manual_seed takes
 # Every flag once, with the original's spellings, defaults and help; tools pick what they need.
 FLAGS = {
     "dataset": _flag("dataset", metavar="DATA",
-                     help=f"dataset: {' | '.join(DATASETS)} (default: cifar10)"),
+                     help=f"dataset: {' | '.join(DATASETS)}"),
     "arch": _flag("-a", "--arch", metavar="ARCH", default="mobilenet",
                   help=f"model architecture: {' | '.join(list_models())} (default: mobilenet; with --ckpt "
                        f"the checkpoint's own, and -a, --layers, --width-mult, --bn, when given, must "
@@ -105,6 +128,7 @@ FLAGS = {
     "batch_size": _flag("-b", "--batch-size", dest="batch_size", type=int, default=128, metavar="N",
                         help="mini-batch size (default: 128), this is the total batch size of all "
                              "GPUs on the current node when using Data Parallel"),
+    # the original's help said "defualt: 0.1" here (its README copies it); the typo is fixed, nothing else
     "lr": _flag("--lr", "--learning-rate", dest="lr", type=POSITIVE, default=None, metavar="LR",
                 help="initial learning rate (default: 0.1; with -T 0.001, a fine-tuning rate: 0.01 and "
                      "more undo what the compressed weights keep; a MESS bank trains at a tenth of it; "
@@ -131,7 +155,7 @@ FLAGS = {
     "cuda": _flag("-C", "--cuda", action="store_true", help="Use cuda?"),
     "retrain": _flag("-T", "--retrain", action="store_true", help="Retraining?"),
     "gpuids": _flag("-g", "--gpuids", type=int, nargs="+", default=[0], metavar="GPUIDS",
-                    help="GPU IDs for using (Default: 0)"),
+                    help="GPU IDs for using (default: 0)"),
     "datapath": _flag("--datapath", default="../data", metavar="PATH",
                       help="where you want to load/save your dataset? (default: ../data)"),
     "version": _flag("-v", "--version", default=None, metavar="V",
@@ -159,11 +183,11 @@ FLAGS = {
                      "matched against the pointwise bank, or the first FC layer's windows when there is no "
                      "1x1 conv (or with --np) (default: off)"),
     "qb": _flag("--qb", "--quant-bit", dest="qb", type=int, default=8, metavar="N",
-                help="number of bits for quantization (Default: 8)"),
+                help="number of bits for quantization (default: 8)"),
     "qba": _flag("--qba", "--quant_bit_a", dest="qba", type=int, default=8, metavar="N",
-                 help="number of bits for quantizing alphas (Default: 8)"),
+                 help="number of bits for quantizing alphas (default: 8)"),
     "qbb": _flag("--qbb", "--quant_bit_b", dest="qbb", type=int, default=8, metavar="N",
-                 help="number of bits for quantizing betas (Default: 8)"),
+                 help="number of bits for quantizing betas (default: 8)"),
     # ---- new in this suite
     "bank": _flag("--bank", default="layer", choices=("layer", "learned"),
                   help="where the bank comes from: layer (the bank layer's own vectors, the original's) | "

@@ -30,7 +30,8 @@ def get_args_parser():
                            description="Compress a trained checkpoint with MESS (writes a new checkpoint "
                                        "and its packed .mess file beside it and prints the storage "
                                        "account).")
-    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("fc",) + BANK_FLAGS + BN_FLAGS + TRACK_FLAGS)
+    add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("fc",) + BANK_FLAGS + BN_FLAGS + TRACK_FLAGS)
+    return parser.mark_required("ckpt")
 
 
 def calibrate(args, model, state_dict: dict) -> dict:

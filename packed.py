@@ -25,7 +25,7 @@ def get_args_parser():
     add_flags(parser, ("dataset", "arch", "layers", "bn", "width_mult", "ckpt"))
     parser.add_argument("-o", "--output", default=None, metavar="PATH",
                         help="the .mess file to write (default: --ckpt with the suffix .mess)")
-    return parser
+    return parser.mark_required("ckpt")
 
 
 def main(args):

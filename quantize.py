@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
-from config import BN_FLAGS, MESS_FLAGS, MODEL_FLAGS, OneLineParser, add_flags
+import argparse
+
+from config import BN_FLAGS, FLAGS, MODEL_FLAGS, OneLineParser, add_flags
 from find_similar_kernel import calibrate
 from mess.account import print_account, storage_account
 from mess.checkpoint import check_output_folder, checkpoint_writer, state_bytes, with_weights, write_together
@@ -29,8 +31,13 @@ def get_args_parser():
     parser = OneLineParser(prog="quantize.py",
                            description="Quantize every conv weight: linear, k-means palettes or kernel "
                                        "codebooks (the baselines MESS is compared against).")
-    # the same model and bit flags as find_similar_kernel.py, so one command line serves both
-    return add_flags(parser, MODEL_FLAGS + MESS_FLAGS + ("method", "granularity") + BN_FLAGS)
+    add_flags(parser, MODEL_FLAGS + ("qb", "method", "granularity") + BN_FLAGS)
+    # not listed, still parsed: -Q (a no-op, the original's parser took it) and -v, refused in main with
+    # a pointer to find_similar_kernel.py rather than argparse's bare "unrecognized arguments"
+    for name in ("quant", "version"):
+        flags, kw = FLAGS[name]
+        parser.add_argument(*flags, **dict(kw, help=argparse.SUPPRESS))
+    return parser.mark_required("ckpt")
 
 
 def main(args):
