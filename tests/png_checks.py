@@ -28,6 +28,9 @@ def check_png(path, size=None, min_colors: int = 8, min_ink: float = 0.01) -> np
 
 def extents(fig, *artists):
     """The artists' bounding boxes in the figure's pixels, after one draw (what the PNG shows)."""
+    if not hasattr(fig.canvas, "get_renderer"):  # a bare Figure: draw it as savefig would, with Agg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        FigureCanvasAgg(fig)
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     return [a.get_window_extent(r) for a in artists]
