@@ -261,7 +261,8 @@ def figure(curves: list[Curve], width: int | None = None, height: int | None = N
     fig = Figure(figsize=((width or base_w) / DPI, height / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     handles, labels, axes = _draw_single(fig, curves[0]) if single else _draw_runs(fig, curves)
-    legend = fig.legend(handles, labels, loc="outside right upper", ncols=ncol, fontsize="small",
+    # centred beside the panels: at the top it would run into a title
+    legend = fig.legend(handles, labels, loc="outside right center", ncols=ncol, fontsize="small",
                         title=legend_title or None, title_fontsize="small", alignment="left")
     if title:
         fig.suptitle(title)
@@ -280,7 +281,9 @@ def _check_fits(fig, legend, axes, runs: int, collapsed: bool) -> None:
     box, r = fig.bbox, fig.canvas.get_renderer()
     lb = legend.get_window_extent(r)
     small = collapsed or any(b.width < MIN_PANEL_PX[0] or b.height < MIN_PANEL_PX[1]
-                for b in (a.get_window_extent(r) for a in axes))
+                             for b in (a.get_window_extent(r) for a in axes))
+    if fig._suptitle is not None and fig._suptitle.get_window_extent(r).overlaps(lb):
+        small = True
     if small or lb.x0 < box.x0 - 1 or lb.y0 < box.y0 - 1 or lb.x1 > box.x1 + 1 or lb.y1 > box.y1 + 1:
         raise UserError(f"{box.width:.0f} x {box.height:.0f} pixels is too small for the panels and the "
                         f"legend of {runs} run{'s' if runs != 1 else ''}: give a larger --width/--height, "

@@ -44,9 +44,9 @@ def assert_inside(fig, *artists, slack: float = 1.0) -> None:
                 and b.y1 <= box.y1 + slack), f"{a} at {b} is not inside the figure {box}"
 
 
-def assert_apart(fig, artist, axes) -> None:
-    """``artist`` (a legend) covers no visible panel of ``axes``."""
-    axes = [ax for ax in axes if ax.get_visible()]
-    b, *panels = extents(fig, artist, *axes)
-    for p in panels:
-        assert not b.overlaps(p), f"{artist} at {b} covers the panel at {p}"
+def assert_apart(fig, artist, others) -> None:
+    """``artist`` (a legend) covers none of the visible ``others`` (panels, a title)."""
+    others = [a for a in others if a.get_visible()]
+    b, *boxes = extents(fig, artist, *others)
+    for p in boxes:
+        assert not b.overlaps(p), f"{artist} at {b} covers the artist at {p}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from png_checks import assert_inside, check_png
+from png_checks import assert_apart, assert_inside, check_png
 
 import plot_summary
 from utils import UserError, append_csv
@@ -136,6 +136,7 @@ def test_an_asked_size_is_exact_or_refused(sacred_run, in_tmp, capsys):
         ["runs", "-o", "c.png", "--width", "1200", "--height", "480", "--title", "twenty runs"]))["figure"]
     check_png(in_tmp / "c.png", size=(1200, 480), min_colors=30)
     assert_inside(fig, fig.legends[0], fig._suptitle, *fig.axes)
+    assert_apart(fig, fig.legends[0], [fig._suptitle, *fig.axes])
     with pytest.raises(SystemExit) as e:
         run_cli_inprocess(plot_summary.main, plot_summary.get_args_parser(),
                           ["runs", "-o", "small.png", "--width", "500", "--height", "300"])
