@@ -88,7 +88,8 @@ def read_summary_csv(path: Path, facts: dict | None = None) -> list[Curve]:
 
 
 def read_sacred_run(run_dir: Path) -> Curve | None:
-    """The curve of a sacred run folder (``metrics.json``), or None when it logged no training."""
+    """The curve of a sacred run folder (``metrics.json``), or None when it logged no training (a
+    compression or evaluation run)."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError) as e:
@@ -100,7 +101,8 @@ def read_sacred_run(run_dir: Path) -> Curve | None:
             steps, values = entry.get("steps", []), entry.get("values", [])
             pts = {int(s): _number(v) for s, v in zip(steps, values)}
             curve.series[m] = {s: v for s, v in pts.items() if v is not None}
-    return curve if curve.has_data() else None
+    # an evaluation (-E) logs validation figures once: a training logged train ones
+    return curve if curve.series.get("train_loss") or curve.series.get("train_top1") else None
 
 
 def summary_files(folder: Path) -> list[Path]:
@@ -116,7 +118,7 @@ def collect(sources) -> list[Curve]:
         elif (src / "metrics.json").is_file():
             c = read_sacred_run(src)
             if c is None:
-                raise UserError(f"{src} is a run without training curves (a compression run?)")
+                raise UserError(f"{src} is a run without training curves (a compression or evaluation run?)")
             curves.append(c)
         elif src.is_dir() and summary_files(src):
             for p in summary_files(src):

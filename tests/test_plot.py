@@ -92,6 +92,10 @@ def test_the_recorded_run_reads_as_main_py_wrote_it(sacred_run):
 
 def test_twenty_runs_fit_are_told_apart_and_loss_is_logarithmic(sacred_run, in_tmp):
     twenty_runs(sacred_run, in_tmp / "runs")
+    (in_tmp / "runs/21").mkdir()  # an evaluation (-E): validation figures once, no curve
+    (in_tmp / "runs/21/metrics.json").write_text(json.dumps(
+        {m: {"steps": [0], "values": [v], "timestamps": [""]} for m, v in (("val_loss", 0.3),
+                                                                           ("val_top1", 91.0))}))
     args = plot_summary.get_args_parser().parse_args(["runs", "-o", "out/curves.png"])
     res = plot_summary.main(args)
     labels = res["labels"]
