@@ -102,29 +102,45 @@ def _png(path: str, flag: str) -> Path:
     return out
 
 
-def plot_bits(rows: list[dict], account: Account, out: Path, title: str) -> Path:
-    """Bits per layer before (float32) and after, side by side, on a log scale."""
+def _save(fig, out: Path) -> Path:
+    from mess.checkpoint import atomic_write  # a PNG is written whole or not at all
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return out
+
+
+def _wrap(text: str, width_px: float, char_px: float) -> str:
+    """``text`` in lines that fit ``width_px`` (a long checkpoint name would run off the figure)."""
+    import textwrap
+    return textwrap.fill(text, max(20, int(width_px / char_px)), break_on_hyphens=False)
+
+
+def bits_figure(rows: list[dict], account: Account, title: str):
+    """Bits per layer before (float32) and after, side by side, on a log scale (a ``Figure``)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     rows = [r for r in rows if r["bits_before"]]
     n = len(rows)
-    fig = Figure(figsize=(min(40.0, max(8.0, 0.16 * n + 2)), 5), dpi=DPI, layout="constrained")
+    w = min(40.0, max(8.0, 0.16 * n + 3))
+    fig = Figure(figsize=(w, 5.5), dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    x = torch.arange(n).tolist()
+    x = list(range(n))
     ax.bar([i - 0.2 for i in x], [r["bits_before"] for r in rows], 0.4, label="float32", color="0.6")
     ax.bar([i + 0.2 for i in x], [max(r["bits_after"], 1) for r in rows], 0.4, label="stored", color="C0")
     ax.set_yscale("log")
-    ax.set_ylabel("bits")
+    ax.set_ylabel("bits per layer (log scale)")
+    ax.set_xlabel("layer (state_dict order)")
     ax.set_xticks(x, [r["layer"] for r in rows], rotation=90, fontsize=6)
     ax.set_xlim(-0.7, n - 0.3)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
+    fig.legend(loc="outside right upper", fontsize="small")  # beside the bars, never over them
     mib = 8 * 2**20
-    ax.set_title(f"{title}: {account.fp32_bits / mib:.3f} MiB -> {account.mess_bits / mib:.3f} MiB "
-                 f"({account.ratio:.2f}x)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI)
-    return out
+    ax.set_title(_wrap(f"{title}: {account.fp32_bits / mib:.3f} MiB -> {account.mess_bits / mib:.3f} MiB "
+                       f"({account.ratio:.2f}x)", w * DPI - 100, 7.5))
+    return fig
+
+
+def plot_bits(rows: list[dict], account: Account, out: Path, title: str) -> Path:
+    return _save(bits_figure(rows, account, title), out)
 
 
 def sample_fits(float_sd: dict, sd: dict, entry: Entry, samples: int, seed: int) -> list[dict]:
@@ -155,30 +171,41 @@ def sample_fits(float_sd: dict, sd: dict, entry: Entry, samples: int, seed: int)
     return out
 
 
-def plot_fits(fits: list[dict], out: Path, title: str) -> Path:
+def fits_figure(fits: list[dict], title: str):
+    """One panel per sampled vector: the target, its bank vector and the fit, element by element."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     cols = min(4, len(fits))
     rows = -(-len(fits) // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.6), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
-    for ax, f in zip(axes, fits):
+    w = max(6.4, 3.2 * cols)  # one sample: wide enough for the title and the legend
+    fig = Figure(figsize=(w, 2.7 * rows + 1.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, (ax, f) in enumerate(zip(axes.reshape(-1), fits)):
         x = list(range(len(f["target"])))
-        ax.plot(x, f["target"].tolist(), "o-", color="k", ms=3, lw=1, label="target")
+        ax.plot(x, f["target"].tolist(), "o-", color="k", ms=3, lw=1, label="target (the layer's weights)")
         ax.plot(x, f["bank"].tolist(), "s--", color="0.55", ms=3, lw=1, label="bank[k]")
-        ax.plot(x, f["fit"].tolist(), "x-", color="C3", ms=4, lw=1, label="alpha*bank[k]+beta")
+        ax.plot(x, f["fit"].tolist(), "x-", color="C3", ms=4, lw=1, label="fit: alpha * bank[k] + beta")
         beta = "" if f["beta"] is None else f" b={f['beta']:.3g}"
         ax.set_title(f"{f['layer']}[{f['index']}] k={f['k']}\na={f['alpha']:.3g}{beta} L1={f['l1']:.3g}",
                      fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
-    for ax in axes[len(fits):]:
+        if i % cols == 0:
+            ax.set_ylabel("weight value", fontsize=7)
+        if i + cols >= len(fits):  # the lowest panel of its column
+            ax.set_xlabel(f"element of the {f['kind']} vector", fontsize=7)
+    for ax in axes.reshape(-1)[len(fits):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=6, loc="best")
-    fig.suptitle(title, fontsize=9)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI)
-    return out
+    # below the panels: a legend inside one would hide that panel's points
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
+    fig.suptitle(_wrap(title, w * DPI - 20, 7.5), fontsize=9)
+    return fig
+
+
+def plot_fits(fits: list[dict], out: Path, title: str) -> Path:
+    return _save(fits_figure(fits, title), out)
 
 
 # ---------------------------------------------------------------- CLI

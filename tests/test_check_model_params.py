@@ -3,6 +3,7 @@ a .mess file, the pictures it draws, and its user errors."""
 import pytest
 import torch
 from conftest import assert_user_error, run_cli
+from png_checks import assert_apart, assert_inside, check_png
 from test_packed import make_model
 
 import check_model_params as cmp
@@ -13,7 +14,6 @@ from utils import run_cli as run_cli_inprocess
 from utils import save_checkpoint
 
 ARGV = ["cifar10", "-a", "resnet", "--layers", "20", "--width-mult", "0.25"]
-PNG = b"\x89PNG\r\n\x1a\n"
 CKPT_DIR = "checkpoint/resnet20_w0.25/cifar10"
 
 
@@ -65,9 +65,8 @@ def test_plot_and_analysis(ckpts):
     _, r = ckpts
     res = run(["--ckpt", r["mess_path"].name, "--plot", "bits.png", "--analysis", "stored.png",
                "--samples", "5"])
-    for p in ("bits.png", "stored.png"):
-        with open(p, "rb") as f:
-            assert f.read(8) == PNG
+    check_png("bits.png", min_colors=20)
+    check_png("stored.png", size=(1280, 660), min_colors=20)  # 4 panels a row, 2 rows, the legend below
     assert len(res["fits"]) == 5 and all(f["l1"] == 0.0 for f in res["fits"])  # stored weights are their fits
     res = run(["--ckpt", "ckpt_best.pth", "-v", "v2nb", "-pwd", "2", "--analysis", "fits.png", "--seed", "3"])
     assert len(res["fits"]) == 8 and res["account"].mess_bits < r["account"].mess_bits
@@ -75,10 +74,48 @@ def test_plot_and_analysis(ckpts):
     assert f["beta"] is None and f["l1"] > 0
     assert torch.allclose(f["fit"], f["alpha"] * f["bank"]) and f["l1"] == pytest.approx(
         float((f["fit"] - f["target"]).abs().sum()))
-    with open("fits.png", "rb") as fh:
-        assert fh.read(8) == PNG
+    check_png("fits.png", size=(1280, 660), min_colors=20)
     assert sorted(p.name for p in (r["path"].parent).iterdir()) == sorted(
         ["ckpt_best.pth", r["path"].name, r["mess_path"].name])  # -v writes no checkpoint
+
+
+def test_bits_figure_has_labelled_axes_and_a_legend_off_the_bars(ckpts):
+    _, r = ckpts
+    res = run(["--ckpt", r["mess_path"].name])
+    fig = cmp.bits_figure(res["rows"], res["account"], r["mess_path"].name)
+    ax, = fig.axes
+    assert ax.get_ylabel() == "bits per layer (log scale)" and ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "layer (state_dict order)" and r["mess_path"].name in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["conv1", "bn1"]
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["float32", "stored"]
+    assert_inside(fig, legend, ax, ax.title)
+    assert_apart(fig, legend, [ax])
+
+
+@pytest.mark.parametrize("samples", [1, 8])
+def test_fits_figure_has_labelled_axes_a_title_and_a_legend_off_the_data(ckpts, samples):
+    res = run(["--ckpt", "ckpt_best.pth", "-v", "v2qq", "-pwd", "2", "--analysis", "f.png",
+               "--samples", str(samples)])
+    check_png("f.png", min_colors=20)
+    # the longest title main writes: a MESS checkpoint's note, on the narrowest figure (one sample)
+    title = ("ckpt_best_v2qq_pwd2_q888.mess: 1 sampled vectors (targets: the stored weights, which are their "
+             "fits; give the float checkpoint and -v to see the search's residuals)")
+    fig = cmp.fits_figure(res["fits"], title)
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert len(panels) == samples
+    assert panels[0].get_ylabel() == "weight value"
+    assert {a.get_xlabel() for a in panels[-min(samples, 4):]} <= {"element of the kernel vector",
+                                                                  "element of the pointwise vector"}
+    assert all(f"k={f['k']}" in a.get_title() for a, f in zip(panels, res["fits"]))
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["target (the layer's weights)", "bank[k]",
+                                                          "fit: alpha * bank[k] + beta"]
+    assert fig.get_suptitle().replace("\n", " ") == title
+    assert_inside(fig, legend, fig._suptitle, *panels)
+    assert_apart(fig, legend, panels)
+    fig.savefig("g.png", format="png", dpi=cmp.DPI)
+    check_png("g.png", size=(640 if samples == 1 else 1280, round(fig.bbox.height)))
 
 
 def test_fc_in_memory(ckpts):
