@@ -116,13 +116,14 @@ def _unreachable(url: str, e: Exception) -> str | None:
     no answer to the connection), or None for other network errors. It is not retried: offline,
     each retry only added its backoff in silence (33 s) before the same failure."""
     reason = getattr(e.args[0], "reason", None) if e.args else None
-    if isinstance(e, requests.ConnectTimeout) or isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
-        why = "no answer to the connection"
-    elif isinstance(reason, urllib3.exceptions.NameResolutionError):
+    # urllib3's NewConnectionError is a ConnectTimeoutError too (for history's sake): test it first
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
         why = "its name does not resolve"
     elif isinstance(reason, urllib3.exceptions.NewConnectionError):
         cause = reason.__cause__ or reason.__context__
         why = (cause.strerror if isinstance(cause, OSError) and cause.strerror else "no connection").lower()
+    elif isinstance(e, requests.ConnectTimeout) or isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        why = "no answer to the connection"
     else:
         return None
     where = urlsplit(url)
