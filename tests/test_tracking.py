@@ -176,6 +176,33 @@ def test_omniboard_lists_the_run_and_its_metrics(digits_run):
             proc.kill()
 
 
+def _screenshot_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("omniboard_screenshot", OMNIBOARD_DIR / "screenshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OMNIBOARD.is_file() or not shutil.which("node"),
+                    reason="Omniboard is not installed: cd scripts/omniboard && npm ci")
+def test_omniboard_screenshot_shows_the_run(digits_run, tmp_path):
+    """A real browser: headless Chromium draws Omniboard's table with the run in it."""
+    shot = _screenshot_module()
+    browser = shot.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium: apt-get install chromium-headless-shell")
+    from PIL import Image
+    with shot.omniboard(f"127.0.0.1:{digits_run['server'].port}:mess") as url:
+        png = shot.take(url, tmp_path / "omniboard.png", browser, size=(1600, 400))
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1600, 400)
+    # the run's row (y 200 to 280 at this size) holds text: Omniboard drew the run, not only its frame
+    row = img.crop((0, 200, 1600, 280)).convert("L")
+    assert row.getextrema()[0] < 100 and len(img.getcolors(maxcolors=1 << 20) or []) > 50
+
+
 @pytest.mark.slow
 def test_evaluation_is_recorded_with_its_metrics_and_eval_csv(digits_run, monkeypatch):
     import main
