@@ -111,6 +111,27 @@ class _Retry(Exception):
     """A failure worth another try (network error, HTTP 5xx, a cut transfer)."""
 
 
+def _unreachable(url: str, e: Exception) -> str | None:
+    """The one line for a host that cannot be reached at all (no route, refused, no such name,
+    no answer to the connection), or None for other network errors. It is not retried: offline,
+    each retry only added its backoff in silence (33 s) before the same failure."""
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    # urllib3's NewConnectionError is a ConnectTimeoutError too (for history's sake): test it first
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        why = "its name does not resolve"
+    elif isinstance(reason, urllib3.exceptions.NewConnectionError):
+        cause = reason.__cause__ or reason.__context__
+        why = (cause.strerror if isinstance(cause, OSError) and cause.strerror else "no connection").lower()
+    elif isinstance(e, requests.ConnectTimeout) or isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        why = "no answer to the connection"
+    else:
+        return None
+    where = urlsplit(url)
+    return (f"cannot download {url_basename(url) or url}: {where.hostname}"
+            f"{f':{where.port}' if where.port else ''} cannot be reached ({why}); check the network "
+            f"connection, or fetch the same file from a reachable server with --mirror URL")
+
+
 class _Deadline(Exception):
     """The call's overall deadline passed; the message says how far it got."""
 
@@ -217,6 +238,8 @@ def _fetch(session, url: str, part: Path, algo: str, timeout, progress, max_byte
     try:  # never wait on the network past the deadline
         r = _open(session, url, headers, (min(connect, left), min(read, left)), allow_http, announced)
     except (requests.ConnectionError, requests.Timeout) as e:
+        if (line := _unreachable(url, e)) is not None:
+            raise UserError(line + _kept(part)) from None
         if time.monotonic() >= end:
             raise _Deadline(f"{offset} bytes: {_short(e)}") from None
         raise _Retry(_short(e)) from None
@@ -329,10 +352,12 @@ def _total_from_content_range(value: str) -> int | None:
         return None
 
 
-def _short(e: Exception) -> str:
-    """The last, most specific line of a requests/urllib3 error chain."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[-1][:200]
+def _short(e: Exception, limit: int = 200) -> str:
+    """The last, most specific line of a requests/urllib3 error chain, cut at a word if long."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[-1]
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _bar(total, initial, desc, progress):

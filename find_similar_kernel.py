@@ -96,4 +96,5 @@ def main(args):
 if __name__ == "__main__":
     from tracking import Experiment, tracked_run
     # every run is a sacred run (tracking.py), built here so that sacred records this script
-    run_cli(lambda args: tracked_run(Experiment("mess-compress"), main, args), get_args_parser())
+    run_cli(lambda args: tracked_run(Experiment("find_similar_kernel.py"), main, args, command="compress"),
+            get_args_parser())

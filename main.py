@@ -52,7 +52,9 @@ from utils import (
     wrap_model,
 )
 
-console = Console(highlight=False)
+# soft_wrap: a line is never cut into two (a pipe, a file or sacred's cout.txt would keep the cut); a
+# terminal wraps long lines itself, and rich still sizes tables to it
+console = Console(highlight=False, soft_wrap=True)
 
 
 SCRATCH_LR, FINETUNE_LR = 0.1, 0.001  # --lr without the flag (config.py's help says so)
@@ -158,10 +160,12 @@ def train_one_epoch(model, loader, criterion, optimizer, rt: Runtime, epoch, arg
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, rt: Runtime) -> dict:
+def evaluate(model, loader, criterion, rt: Runtime, desc: str = "validate") -> dict:
     model.eval()
     loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
-    for x, y in loader:
+    # a bar with its ETA on a terminal (rank 0), nothing in a pipe or a log file
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                     disable=None if rt.dist.is_main else True, mininterval=0.5):
         x, y = rt.batch(x, y)
         with rt.autocast():
             out = model(x)
@@ -363,7 +367,7 @@ def load_into(model, ckpt: dict, spec: dict, path) -> None:
 def evaluate_checkpoint(args, net, val_loader, criterion, rt: Runtime, ckpt, ckpt_dir, run_id="") -> dict:
     """-E: one pass over the validation set, printed and appended to eval.csv."""
     t0 = time.time()
-    metrics = evaluate(net, val_loader, criterion, rt)
+    metrics = evaluate(net, val_loader, criterion, rt, desc=f"test {Path(args.ckpt).name}")
     line = (f"test  {Path(args.ckpt).name}: top-1 {metrics['val_top1']:.2f}%  "
             f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")
     if "mess" in ckpt or "quant" in ckpt or "palette" in ckpt:
@@ -418,6 +422,7 @@ def train(loop: Loop, start_epoch: int, best_acc1: float) -> dict:
     summary_csv = loop.ckpt_dir / run.summary_name()
     result = {"best_acc1": best_acc1, "ckpt_dir": loop.ckpt_dir, "history": [], "mode": run.mode,
               "searches": run.searches, "saved": []}
+    t0 = time.time()
     for epoch in range(start_epoch, args.epochs + 1):
         row, searched = train_and_evaluate_epoch(loop, epoch)
         saves = run.saves(epoch)  # -N saves (and ranks) only projected networks
@@ -437,12 +442,24 @@ def train(loop: Loop, start_epoch: int, best_acc1: float) -> dict:
         result["history"].append(row)
         console.print(f"epoch {epoch}/{args.epochs} lr {row['lr']:.3g} | train {row['train_loss']:.4f} "
                       f"{row['train_top1']:.2f}% | val {row['val_loss']:.4f} {row['val_top1']:.2f}% "
-                      f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s"
+                      f"(top-5 {row['val_top5']:.2f}%) | best {best_acc1:.2f}% | {row['seconds']:.1f}s | "
+                      f"{run_eta(t0, epoch - start_epoch + 1, args.epochs - epoch)}"
                       + (" | searched" if searched else "") + (" *" if is_best else ""))
     if d.is_main:
         loop.tracker.artifact(summary_csv)
     result["best_acc1"] = best_acc1
     return result
+
+
+def run_eta(t0: float, done: int, left: int) -> str:
+    """``elapsed 0:01:05 ETA 0:12:40``: this run's time so far, and its epochs left at its mean pace."""
+    elapsed = time.time() - t0
+    return f"elapsed {_hms(elapsed)} ETA {_hms(elapsed / done * left)}"
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def train_and_evaluate_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
@@ -486,7 +503,8 @@ def save_epoch(loop: Loop, epoch: int, best_acc1: float, is_best: bool) -> list[
 
 
 if __name__ == "__main__":
-    from tracking import Experiment, tracked_run
-    # every run is a sacred run (tracking.py); its Experiment is built here, in the script whose
-    # sources sacred should record
-    run_cli(lambda args: tracked_run(Experiment("mess-train"), main, args), get_args_parser())
+    from tracking import Experiment, tracked_run, train_command
+    # every run is a sacred run (tracking.py) named by this tool and its mode; its Experiment is built
+    # here, in the script whose sources sacred should record; flags refused up front record no run
+    run_cli(lambda args: tracked_run(Experiment("main.py"), main, args, command=train_command,
+                                     check=validate_args), get_args_parser())

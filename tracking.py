@@ -4,29 +4,41 @@
     python main.py digits -a resnet --layers 20 --mongo-url mongodb://127.0.0.1:27017 --mongo-db mess
     python main.py digits -a resnet --layers 20 --no-track                         # records nothing
 
-A run's record holds its flags (config), the per-epoch metrics (train/val loss, top-1, top-5,
-learning rate) or the compression figures (ratio, bits, mean residual per path), its files
-(summary.csv, the per-layer report) and its result (best top-1, or the compression ratio).
-It always goes to a sacred ``FileStorageObserver`` under ``runs/``; ``--mongo-url`` (or
-``SACRED_MONGO_URL``) adds a ``MongoObserver`` for Omniboard. A database that cannot be
-reached at the start is a user error (one line, exit 2) after a short server-selection
-timeout; one that goes away mid-run costs a warning, never the run, and the files under
-``runs/`` stay complete.
+A run is named by its tool (the experiment: ``main.py``, ``find_similar_kernel.py``) and its
+mode (the command: ``train``, ``resume``, ``retrain``, ``evaluate``, ``compress``), the two
+columns Omniboard shows first. Its record holds its flags (config, each one a column in
+Omniboard, with ``tags``: tool, mode, data set, architecture), the per-epoch metrics (train/val
+loss, top-1, top-5, learning rate, seconds) or the compression figures (ratio, bits, mean
+residual per path), its files (summary.csv, eval.csv, the per-layer report), its info (package
+versions; what is constant over the run, such as ``train_samples``; the headline figures
+``best_top1``, ``top1``, ``ratio``, ``mess_bits``) and one result per tool: the best
+validation top-1 for training, the top-1 for ``evaluate``, the compression ratio for
+``compress``. It always goes to a sacred ``FileStorageObserver`` under ``runs/``;
+``--mongo-url`` (or ``SACRED_MONGO_URL``) adds a ``MongoObserver`` for Omniboard, and Omniboard
+columns for the headline figures (``omniboard.custom.columns``; ones already there are kept).
+A database that cannot be reached at the start is a user error (one line, exit 2) after a short
+server-selection timeout; one that goes away mid-run costs a warning, never the run, and the
+files under ``runs/`` stay complete. A command line refused before it recorded anything (a flag
+error, a missing checkpoint, a refused folder) leaves no run behind.
 
 A CLI builds its ``Experiment`` itself, so that sacred records that script (and the local
 modules it imports) as the run's sources, and hands it to ``tracked_run``::
 
     if __name__ == "__main__":
         from tracking import Experiment, tracked_run
-        run_cli(lambda args: tracked_run(Experiment("mess-train"), main, args), get_args_parser())
+        run_cli(lambda args: tracked_run(Experiment("main.py"), main, args, command=train_command,
+                                         check=validate_args), get_args_parser())
 """
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import inspect
 import logging
 import mimetypes
 import os
+import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -40,9 +52,10 @@ from sacred import Experiment  # noqa: E402  (re-exported for the CLIs)
 from sacred.observers import FileStorageObserver, MongoObserver  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
+from mess.checkpoint import atomic_write  # noqa: E402
 from utils import UserError  # noqa: E402
 
-__all__ = ["Experiment", "SacredTracker", "tracked_run", "RUNS_DIR", "MONGO_URL_ENV"]
+__all__ = ["Experiment", "SacredTracker", "tracked_run", "train_command", "RUNS_DIR", "MONGO_URL_ENV"]
 
 RUNS_DIR = Path("runs")  # cwd-relative, as checkpoint/
 MONGO_URL_ENV = "SACRED_MONGO_URL"
@@ -51,6 +64,11 @@ SERVER_TIMEOUT_S = 2.5  # server selection and connect: pymongo's default of 30 
 SOCKET_TIMEOUT_S = 20.0  # a server that hangs mid-run must not hang the run forever
 FINAL_SAVE_ATTEMPTS = 2  # sacred tries 10 times, each after a full server-selection timeout
 TRACK_DESTS = ("mongo_url", "mongo_db", "no_track")  # how a run is recorded, not what it does
+CONSTANTS = ("train_samples",)  # the same every epoch: info, not a metric series that flattens the plot
+PACKAGES = ("torch", "torchvision", "numpy", "mess", "sacred")  # versions in every run's info
+# Omniboard columns (name, path in the run) for the headline figures in info; config is a column already
+OMNIBOARD_COLUMNS = (("best top-1", "info.best_top1"), ("top-1", "info.top1"), ("ratio", "info.ratio"),
+                     ("bits", "info.mess_bits"))
 
 
 # ---------------------------------------------------------------- the tracker main() talks to
@@ -59,18 +77,24 @@ class SacredTracker:
 
     def __init__(self, run):
         self.run = run
+        self.recorded = False  # any metric or file yet: a run refused before that leaves no record
 
     def log(self, metrics: dict, step: int) -> None:
         for name, value in metrics.items():
             if name in ("epoch", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            self.run.log_scalar(name, float(value), int(step))
+            self.recorded = True
+            if name in CONSTANTS:
+                self.run.info[name] = value
+            else:
+                self.run.log_scalar(name, float(value), int(step))
 
     def artifact(self, path, name: str | None = None) -> None:
         path = Path(path)
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         # an explicit content type also keeps MongoObserver from printing its guess
         self.run.add_artifact(str(path), name=name or path.name, content_type=content_type)
+        self.recorded = True
 
 
 # ---------------------------------------------------------------- observers
@@ -88,6 +112,15 @@ class _OwnIds:
 
 class RunsDirObserver(_OwnIds, FileStorageObserver):
     """``runs/<id>/{config,run,metrics}.json``, ``cout.txt`` and the artifacts."""
+
+    def save_cout(self):
+        # sacred appends what follows the length written last time, but the captured-output filter
+        # rewrites the text's last line (a progress bar's redraw, then the epoch line over it), so the
+        # appended slice was shifted and lines were lost: the whole text is written each time instead
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(self.cout)
+        atomic_write(Path(self.dir) / "cout.txt", write)
 
 
 class ForgivingMongoObserver(_OwnIds, MongoObserver):
@@ -142,6 +175,53 @@ def _reason(e: BaseException) -> str:
     # pymongo's text: "host:port: [Errno 111] Connection refused (configured timeouts: ...), Timeout: ..."
     text = _first_line(e).split(" (configured timeouts")[0].split(", Timeout:")[0]
     return text[:200]
+
+
+# ---------------------------------------------------------------- what a record says
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+
+def plain_text(text: str) -> str:
+    """Captured output as it last stood on a terminal, without colour codes: a progress bar's
+    redraws become their last state (a bar closed with ``leave=False`` becomes nothing) and the
+    blanks a bar left at the end of a line go."""
+    text = apply_backspaces_and_linefeeds(_ESCAPES.sub("", text))
+    return re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
+
+
+def train_command(args) -> str:
+    """main.py's mode, the run's command: evaluate (-E), retrain (-T), resume (-R) or train."""
+    for flag, name in (("evaluate", "evaluate"), ("retrain", "retrain"), ("resume", "resume")):
+        if getattr(args, flag, False):
+            return name
+    return "train"
+
+
+def package_versions() -> dict:
+    import torch  # noqa: F401  (the CLIs have loaded it; its version as it reports itself)
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        mod = sys.modules.get(name)
+        version = getattr(mod, "__version__", None)
+        if version is None:
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        out[name] = str(version)
+    return out
+
+
+def _add_dependencies(ex, versions: dict) -> None:
+    """The packages as sacred dependencies too (Omniboard's experiment view); sacred wants PEP 440,
+    so torch's ``2.5.1+cpu`` is given as 2.5.1 there (info keeps the whole string)."""
+    for name, version in versions.items():
+        if name in PACKAGES:
+            base = version.split("+")[0]
+            try:
+                ex.add_package_dependency(name, base)
+            except ValueError:
+                pass
 
 
 # ---------------------------------------------------------------- running
@@ -218,21 +298,30 @@ def _logger() -> logging.Logger:
 
 
 def record_outcome(out, tracker: SacredTracker):
-    """Metrics and files that a CLI's return value carries; returns the run's result.
+    """Metrics, files and headline figures (info) that a CLI's return value carries; returns the
+    run's result, one meaning per tool: best validation top-1 (training), top-1 (evaluate),
+    compression ratio (compress).
 
     main.py training returns ``history``/``best_acc1`` (epochs were logged live), ``-E`` returns
     ``metrics``, find_similar_kernel.py returns ``account``/``ratio``/``rows``.
     """
     if not isinstance(out, dict):
         return None
+    info = tracker.run.info
     if "best_acc1" in out:
-        return float(out["best_acc1"])
+        info["best_top1"] = float(out["best_acc1"])
+        if out.get("history"):
+            info["last_top1"] = float(out["history"][-1]["val_top1"])
+        if out.get("mode"):
+            info["mode"] = out["mode"]  # retrain.py's: train, finetune, mess, quant, palette, free
+        return info["best_top1"]
     if "metrics" in out:
         tracker.log(out["metrics"], 0)
         eval_csv = Path(out.get("ckpt_dir") or ".") / "eval.csv"
         if eval_csv.is_file():
             tracker.artifact(eval_csv)
-        return float(out["metrics"]["val_top1"])
+        info["top1"], info["top5"] = float(out["metrics"]["val_top1"]), float(out["metrics"]["val_top5"])
+        return info["top1"]
     if "account" in out:
         return _record_compression(out, tracker)
     return None
@@ -253,6 +342,7 @@ def _record_compression(out, tracker: SacredTracker) -> float:
             layers = {r["layer"] for r in rows if r.get("path", "").split()[0] == kind}
             figures[f"{kind}_bits"] = sum(account.layer_bits(layer)[1] for layer in layers)
     tracker.log(figures, 0)
+    tracker.run.info.update({k: figures[k] for k in ("ratio", "mess_bits", "fp32_bits")})
     if rows:
         name = f"{Path(out['path']).stem}_layers.csv" if out.get("path") else "layers.csv"
         with tempfile.TemporaryDirectory() as tmp:
@@ -269,15 +359,19 @@ def _record_compression(out, tracker: SacredTracker) -> float:
     return figures["ratio"]
 
 
-def tracked_run(ex, main, args):
+def tracked_run(ex, main, args, command=None, check=None):
     """Run ``main(args[, tracker])`` as a sacred run of ``ex`` and return what main returns.
 
+    ``command`` names the run's mode (a string, or a function of ``args``); ``check(args)`` runs the
+    flag checks that need no work first, so that a command line they refuse creates no run.
     ``--no-track`` calls main alone. Use a fresh ``Experiment`` for every run.
     """
     if getattr(args, "no_track", False) or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 records
         if getattr(args, "no_track", False) and getattr(args, "mongo_url", None):
             raise UserError("--no-track records nothing; it cannot be combined with --mongo-url")
         return _call(main, args, None)
+    if check is not None:
+        check(args)
     url, source = mongo_url(args)
     db_name = getattr(args, "mongo_db", None)
     if db_name and not url:
@@ -294,28 +388,64 @@ def tracked_run(ex, main, args):
         mongo = ForgivingMongoObserver(client=client, db_name=db_name, failure_dir=RUNS_DIR / "mongo-failed",
                                        priority=10)
         ex.observers.append(mongo)
-    ex.captured_out_filter = apply_backspaces_and_linefeeds  # tqdm's \r redraws become their last state
+        add_omniboard_columns(client[db_name])
+    ex.captured_out_filter = plain_text
     ex.logger = _logger()
-    ex.add_config(run_config(args))
+    name = (command(args) if callable(command) else command) or "run"
+    versions = package_versions()
+    _add_dependencies(ex, versions)
+    tags = [ex.path, name] + [str(getattr(args, k)) for k in ("dataset", "arch") if getattr(args, k, None)]
+    ex.add_config({**run_config(args), "tags": tags})  # Omniboard's Tags column
     _add_local_sources(ex)
     holder = {}
 
     def run_main(_run):
+        _run.info.update({"tool": ex.path, "command": name, "versions": versions})
         where = f"{RUNS_DIR / str(_run._id)}"
         if mongo is not None:
             where += f" and MongoDB {db_name!r} (run {mongo.run_entry['_id']})"
         print(f"recording this run in {where}")
-        tracker = SacredTracker(_run)
+        holder["tracker"] = tracker = SacredTracker(_run)
         holder["out"] = _call(main, args, tracker)
         return record_outcome(holder["out"], tracker)
 
+    run_main.__name__ = run_main.__qualname__ = name  # sacred's command, Omniboard's Command column
     ex.main(run_main)
     try:
         ex.run(options={"--capture": "sys"})
     except ConnectionFailure as e:  # only the observers' start talks to the database unguarded
         raise UserError(f"lost MongoDB at the start of the run: {_reason(e)}") from None
+    except UserError:
+        if not getattr(holder.get("tracker"), "recorded", False):
+            _forget(files, mongo)  # refused before it did anything: no run to keep
+        raise
     finally:
         if client is not None:
             client.close()
     return holder["out"]
 
+
+def _forget(files: RunsDirObserver, mongo) -> None:
+    """Remove the records of a run that never started its work."""
+    if getattr(files, "dir", None) and os.path.isdir(files.dir):
+        shutil.rmtree(files.dir, ignore_errors=True)
+    if mongo is not None and mongo.run_entry is not None:
+        from pymongo.errors import PyMongoError
+        try:
+            mongo.runs.delete_one({"_id": mongo.run_entry["_id"]})
+            mongo.metrics.delete_many({"run_id": mongo.run_entry["_id"]})
+        except PyMongoError as e:
+            _logger().warning(f"could not remove the refused run from MongoDB: {_reason(e)}")
+
+
+def add_omniboard_columns(db) -> None:
+    """Omniboard columns for the headline figures in a run's info (Omniboard shows config as columns
+    by itself, info only through these); a column of the same name already there is left alone."""
+    from pymongo.errors import PyMongoError
+    try:
+        columns = db["omniboard.custom.columns"]
+        for name, path in OMNIBOARD_COLUMNS:
+            if columns.find_one({"name": name}) is None:
+                columns.insert_one({"name": name, "config_path": path})
+    except PyMongoError as e:
+        _logger().warning(f"could not add the Omniboard columns: {_reason(e)}")

@@ -88,13 +88,17 @@ def test_file_records_hold_flags_metrics_files_and_result(digits_run):
     info = read_json(run / "run.json")
     assert info["status"] == "COMPLETED"
     assert info["result"] == pytest.approx(max(float(r["val_top1"]) for r in rows))
-    assert info["experiment"]["name"] == "mess-train" and info["experiment"]["mainfile"] == "main.py"
+    assert info["experiment"]["name"] == "main.py" and info["experiment"]["mainfile"] == "main.py"
+    assert info["command"] == "train"  # Omniboard's Command column: the mode, not sacred's "run_main"
+    extra = read_json(run / "info.json")
+    assert extra["best_top1"] == info["result"] and extra["train_samples"] == 1438  # once, not per epoch
+    assert "train_samples" not in metrics and extra["versions"]["torch"]
     sources = {s for s, _ in info["experiment"]["sources"]}
     assert {"main.py", "config.py", "tracking.py", "models/resnet.py"} <= sources
     assert info["artifacts"] == ["summary.csv"] and (run / "summary.csv").is_file()
 
     cout = (run / "cout.txt").read_text()
-    assert "epoch 2/2" in cout and "\r" not in cout  # captured, tqdm's redraws filtered
+    assert "epoch 2/2" in cout and "\r" not in cout and "\x1b" not in cout  # plain text (tests/test_logs.py)
     assert "recording this run in runs/1 and MongoDB 'mess'" in digits_run["out"]
     err = digits_run["err"]
     assert "WARNING" not in err and "Traceback" not in err and "INFO" not in err, err  # no sacred chatter
@@ -118,6 +122,10 @@ def test_mongodb_holds_the_run_its_metrics_and_files(digits_run):
         assert f"artifact://runs/{run['_id']}/summary.csv" in files
         assert any(f.endswith("main.py") for f in files)  # the sources
         assert [a["name"] for a in run["artifacts"]] == ["summary.csv"]
+        assert run["command"] == "train" and run["info"]["best_top1"] == run["result"]
+        assert "train_samples" not in by_name and run["info"]["train_samples"] == 1438
+        columns = {c["name"]: c["config_path"] for c in db["omniboard.custom.columns"].find({})}
+        assert columns["best top-1"] == "info.best_top1" and columns["ratio"] == "info.ratio"
 
 
 @pytest.mark.slow
@@ -154,7 +162,9 @@ def test_omniboard_lists_the_run_and_its_metrics(digits_run):
 
         runs = get("Runs")
         assert len(runs) == 1 and runs[0]["status"] == "COMPLETED"
-        assert runs[0]["config"]["arch"] == "resnet" and runs[0]["experiment"]["name"] == "mess-train"
+        assert runs[0]["config"]["arch"] == "resnet" and runs[0]["experiment"]["name"] == "main.py"
+        assert runs[0]["command"] == "train" and runs[0]["config"]["tags"] == ["main.py", "train", "digits",
+                                                                               "resnet"]
         metrics = get(f"Metrics?query={urllib.parse.quote(json.dumps({'run_id': runs[0]['_id']}))}")
         assert set(EPOCH_METRICS) <= {m["name"] for m in metrics}
         assert all(m["steps"] == [1, 2] for m in metrics if m["name"] in EPOCH_METRICS)
@@ -166,17 +176,46 @@ def test_omniboard_lists_the_run_and_its_metrics(digits_run):
             proc.kill()
 
 
+def _screenshot_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("omniboard_screenshot", OMNIBOARD_DIR / "screenshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OMNIBOARD.is_file() or not shutil.which("node"),
+                    reason="Omniboard is not installed: cd scripts/omniboard && npm ci")
+def test_omniboard_screenshot_shows_the_run(digits_run, tmp_path):
+    """A real browser: headless Chromium draws Omniboard's table with the run in it."""
+    shot = _screenshot_module()
+    browser = shot.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium: apt-get install chromium-headless-shell")
+    from PIL import Image
+    with shot.omniboard(f"127.0.0.1:{digits_run['server'].port}:mess") as url:
+        png = shot.take(url, tmp_path / "omniboard.png", browser, size=(1600, 400))
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1600, 400)
+    # the run's row (y 200 to 280 at this size) holds text: Omniboard drew the run, not only its frame
+    row = img.crop((0, 200, 1600, 280)).convert("L")
+    assert row.getextrema()[0] < 100 and len(img.getcolors(maxcolors=1 << 20) or []) > 50
+
+
 @pytest.mark.slow
 def test_evaluation_is_recorded_with_its_metrics_and_eval_csv(digits_run, monkeypatch):
     import main
     monkeypatch.chdir(digits_run["cwd"])
     args = main.get_args_parser().parse_args(TINY + ["-E", "--ckpt", "ckpt_best.pth"])
-    out = tracking.tracked_run(tracking.Experiment("eval", base_dir=str(ROOT)), main.main, args)
+    out = tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
+                               command=tracking.train_command)
     run = max((d for d in Path("runs").iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
     top1 = read_json(run / "metrics.json")["val_top1"]
     assert (top1["steps"], top1["values"]) == ([0], [out["metrics"]["val_top1"]])
     info = read_json(run / "run.json")
     assert info["result"] == out["metrics"]["val_top1"] and info["artifacts"] == ["eval.csv"]
+    assert info["command"] == "evaluate" and read_json(run / "info.json")["top1"] == info["result"]
 
 
 @pytest.mark.slow
@@ -310,7 +349,8 @@ def test_compression_run_records_ratio_bits_residuals_and_report(in_tmp):
     assert metrics["fp32_bits"] == [out["account"].fp32_bits]
     assert metrics["kernel_mean_residual"][0] > 0 and metrics["kernel_bits"][0] > 0
     info = read_json(run / "run.json")
-    assert info["result"] == pytest.approx(out["ratio"])
+    assert info["result"] == pytest.approx(out["ratio"])  # compress: the result is the compression ratio
+    assert read_json(run / "info.json")["ratio"] == info["result"]
     assert info["artifacts"] == ["tiny_v2qq_q888_layers.csv"]
     with open(run / "tiny_v2qq_q888_layers.csv", newline="") as f:
         report = list(csv.DictReader(f))
@@ -325,7 +365,7 @@ def test_find_similar_kernel_cli_is_a_recorded_run(digits_run):
     assert rc == 0, err
     runs = sorted((cwd / "runs").glob("[0-9]*"), key=lambda p: int(p.name))
     info = read_json(runs[-1] / "run.json")
-    assert info["experiment"]["name"] == "mess-compress"
+    assert info["experiment"]["name"] == "find_similar_kernel.py" and info["command"] == "compress"
     assert info["status"] == "COMPLETED"
     assert f"compression ratio {info['result']:.2f}x" in out  # the recorded result is the printed ratio
     assert read_json(runs[-1] / "config.json")["version"] == "v2nb"
@@ -346,3 +386,105 @@ def test_modules_with_a_bare_relative_file_name_are_not_sources(in_tmp, monkeypa
     tracking._add_local_sources(ex)
     names = [Path(s.filename).name for s in ex.sources]
     assert "mine.py" in names and "_ops.py" not in names
+
+
+# ---------------------------------------------------------------- names, versions, constants, refusals
+def test_records_name_tool_and_mode_and_carry_package_versions(in_tmp):
+    import numpy
+    import torch
+    import torchvision  # noqa: F401  (its version is read whether it is loaded or not)
+
+    def main_with_constant(args, tracker=None):
+        tracker.log({"train_samples": 1438, "val_top1": 50.0}, 1)
+        tracker.log({"train_samples": 1438, "val_top1": 60.0}, 2)
+        return {"best_acc1": 60.0, "history": [{"val_top1": 50.0}, {"val_top1": 60.0}], "mode": "train"}
+
+    tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main_with_constant,
+                         fake_args(retrain=True), command=tracking.train_command)
+    run, info = read_json(in_tmp / "runs/1/run.json"), read_json(in_tmp / "runs/1/info.json")
+    assert (run["experiment"]["name"], run["command"]) == ("main.py", "retrain")
+    assert (info["tool"], info["command"], info["mode"]) == ("main.py", "retrain", "train")
+    versions = info["versions"]
+    assert versions["torch"] == torch.__version__ and versions["numpy"] == numpy.__version__
+    assert versions["torchvision"].split("+")[0] == torchvision.__version__.split("+")[0]
+    assert versions["mess"] and versions["python"] == sys.version.split()[0]
+    assert f"torch=={torch.__version__.split('+')[0]}" in run["experiment"]["dependencies"]
+    assert read_json(in_tmp / "runs/1/config.json")["tags"] == ["main.py", "retrain"]
+    # a constant is recorded once, in info; a metric series of it would flatten Omniboard's plot
+    assert info["train_samples"] == 1438 and set(read_json(in_tmp / "runs/1/metrics.json")) == {"val_top1"}
+    assert run["result"] == info["best_top1"] == 60.0 and info["last_top1"] == 60.0
+
+
+@pytest.mark.parametrize("flags, command", [([], "train"), (["-E"], "evaluate"), (["-R"], "resume"),
+                                            (["-T"], "retrain")])
+def test_main_py_modes_are_commands(flags, command):
+    import main
+    assert tracking.train_command(main.get_args_parser().parse_args(["digits", *flags])) == command
+
+
+def test_a_flag_refused_up_front_records_no_run(in_tmp):
+    import main
+    args = main.get_args_parser().parse_args(["digits", "-a", "resnet", "--layers", "20",
+                                             "--sched", "linear"])
+    with pytest.raises(tracking.UserError, match="unknown --sched 'linear'"):
+        tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
+                             command=tracking.train_command, check=main.validate_args)
+    assert not (in_tmp / "runs").exists()
+
+
+def test_a_missing_checkpoint_records_no_run(in_tmp, capsys):
+    # refused inside the run (the checkpoint is looked up there): its records are removed again
+    import main
+    args = main.get_args_parser().parse_args(TINY + ["-E", "--ckpt", str(in_tmp / "nothere.pth")])
+    with pytest.raises(tracking.UserError, match="nothere.pth"):
+        tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
+                             command=tracking.train_command, check=main.validate_args)
+    assert [p.name for p in (in_tmp / "runs").iterdir()] == ["_sources"]  # no run folder
+    tracking.tracked_run(experiment(), fake_main, fake_args())
+    assert (in_tmp / "runs/1/run.json").is_file()  # the next run takes the number
+
+
+def test_a_user_error_after_the_first_records_keeps_the_run(in_tmp):
+    def fails_late(args, tracker=None):
+        tracker.log({"val_top1": 1.0}, 1)
+        raise tracking.UserError("disk full")
+
+    with pytest.raises(tracking.UserError):
+        tracking.tracked_run(experiment(), fails_late, fake_args())
+    assert read_json(in_tmp / "runs/1/run.json")["status"] == "FAILED"
+
+
+def test_rejected_flag_on_the_command_line_records_no_run(in_tmp):
+    rc, out, err = run_cli("main.py", "digits", "--epochz", "2", cwd=in_tmp)
+    assert rc == 2 and "--epochz" in err and not (in_tmp / "runs").exists()
+    rc, out, err = run_cli("main.py", "digits", "-a", "resnet", "--layers", "20", "-b", "0", cwd=in_tmp)
+    assert_user_error(rc, err, "--batch-size")
+    assert not (in_tmp / "runs").exists() and "recording this run" not in out
+
+
+# ---------------------------------------------------------------- captured output
+def test_captured_output_is_plain_text_with_every_line(in_tmp):
+    """Progress-bar redraws and colour codes around heartbeats: cout.txt holds every line, as text."""
+    def noisy(args, tracker=None):
+        for epoch in (1, 2, 3):
+            for i in range(3):
+                sys.stderr.write(f"\repoch {epoch}: {i}/3 |{'#' * i}{' ' * (3 - i)}| 12.3it/s")
+                tracker.run._emit_heartbeat()  # sacred's 10 s timer, here between any two writes
+            sys.stderr.write("\r" + " " * 40 + "\r")  # tqdm's leave=False
+            print(f"\x1b[1mepoch {epoch}/3\x1b[0m val {50 + epoch:.2f}% | a line longer than eighty columns, "
+                  f"which no one cuts in two")
+            tracker.run._emit_heartbeat()
+        return {"best_acc1": 53.0}
+
+    tracking.tracked_run(experiment(), noisy, fake_args())
+    with open(in_tmp / "runs/1/cout.txt", newline="") as f:
+        cout = f.read()
+    lines = cout.splitlines()
+    assert lines[0] == "recording this run in runs/1"
+    assert lines[1:] == [f"epoch {e}/3 val {50 + e:.2f}% | a line longer than eighty columns, which no one "
+                         f"cuts in two" for e in (1, 2, 3)]
+
+
+def test_plain_text_keeps_an_open_bar_to_continue():
+    assert tracking.plain_text("a\x1b[31mb\x1b[0m\n\rx 1\rx 2") == "ab\nx 2"
+    assert tracking.plain_text("done   \n\r50%\r") == "done\n50%\r"  # the next chunk overwrites it
