@@ -22,7 +22,14 @@ from mess.compress import compress
 from mess.names import compressed_name, packed_name
 from mess.packed_write import size_line, write_mess
 from mess.settings import Settings
-from utils import UserError, build_declared, load_model_checkpoint, run_cli, select_device
+from utils import (
+    UserError,
+    adopt_declared_arch,
+    build_declared,
+    load_model_checkpoint,
+    run_cli,
+    select_device,
+)
 
 
 def get_args_parser():
@@ -96,5 +103,6 @@ def main(args):
 if __name__ == "__main__":
     from tracking import Experiment, tracked_run
     # every run is a sacred run (tracking.py), built here so that sacred records this script
-    run_cli(lambda args: tracked_run(Experiment("find_similar_kernel.py"), main, args, command="compress"),
+    run_cli(lambda args: tracked_run(Experiment("find_similar_kernel.py"), main, args, command="compress",
+                                     check=adopt_declared_arch),
             get_args_parser())

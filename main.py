@@ -33,6 +33,7 @@ from utils import (
     Dist,
     UserError,
     accuracy,
+    adopt_declared_arch,
     all_reduce_sum,
     append_csv,
     build_model_from_args,
@@ -87,6 +88,14 @@ def validate_args(args) -> None:
         raise UserError("--groups other than 1 applies to ShuffleNet, which this suite does not build")
     if args.overwrite and (args.resume or args.evaluate):
         raise UserError("--overwrite starts a run from scratch over an earlier one; -R and -E write no run")
+
+
+def check_args(args) -> None:
+    """The checks that need no work (the flags, and the model --ckpt names, utils.adopt_declared_arch),
+    run before the run is recorded: a command line they refuse records nothing."""
+    validate_args(args)
+    if args.resume or args.evaluate or args.retrain:
+        adopt_declared_arch(args, lookup_folder(args))
 
 
 def lr_at(args, epoch: int) -> float:
@@ -341,14 +350,18 @@ def resumed_lr(ckpt: dict) -> float:
     return SCRATCH_LR
 
 
+def lookup_folder(args) -> Path:
+    """Where a bare --ckpt name is looked up: --ckpt-dir, else the folder the model flags name."""
+    return Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(fill_depth(args)))
+
+
 def read_input_checkpoint(args):
     """(checkpoint, path) that -R, -E or -T start from, read (not yet loaded into a model) and the model
     flags made the network it declares (utils.adopt_arch); (None, None) when the run starts from the
     seed. A bare --ckpt name is looked up in the folder the flags name."""
     if not (args.ckpt and (args.resume or args.evaluate or args.retrain)):
         return None, None
-    folder = Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(fill_depth(args)))
-    path = resolve_ckpt(args.ckpt, folder)
+    path = resolve_ckpt(args.ckpt, lookup_folder(args))
     return read_checkpoint(args, path), path  # a .mess file too
 
 
@@ -507,4 +520,4 @@ if __name__ == "__main__":
     # every run is a sacred run (tracking.py) named by this tool and its mode; its Experiment is built
     # here, in the script whose sources sacred should record; flags refused up front record no run
     run_cli(lambda args: tracked_run(Experiment("main.py"), main, args, command=train_command,
-                                     check=validate_args), get_args_parser())
+                                     check=check_args), get_args_parser())

@@ -191,6 +191,30 @@ def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
                     f"checkpoint not found: {p.absolute()}")
 
 
+def declared_arch(path) -> dict | None:
+    """The ``arch`` entry a checkpoint or .mess file declares, without reading its weights (a .mess
+    header; a .pth memory-mapped), or None where it declares none or cannot be read so (the full read
+    then says why)."""
+    if str(path).endswith(PACKED_SUFFIX):
+        return read_arch(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old-format or damaged file: load_checkpoint gives its reason
+        return None
+    return ckpt.get("arch") if isinstance(ckpt, dict) else None
+
+
+def adopt_declared_arch(args, folder: Path | None = None) -> Path | None:
+    """``--ckpt`` found (in ``folder``, by default the flags' checkpoint folder, for a bare name) and the
+    model flags made the network it declares (``adopt_arch``), before any work: what the run's records
+    say of its model is then the file's. The path, or None without ``--ckpt``."""
+    if not args.ckpt:
+        return None
+    path = resolve_ckpt(args.ckpt, folder or ckpt_dir_of(vars(fill_depth(args))))
+    adopt_arch(args, {"arch": declared_arch(path)}, path)
+    return path
+
+
 def read_checkpoint(args, path) -> dict:
     """The checkpoint or .mess file at ``path`` read before its model is built, and the model flags made
     its own (``adopt_arch``). A .mess file is checked against the network it declares before anything

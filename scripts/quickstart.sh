@@ -12,7 +12,7 @@
 DATA="${DATA:-digits}"
 EPOCHS="${EPOCHS:-8}"
 RT_EPOCHS="${RT_EPOCHS:-3}"
-RT_LR="${RT_LR:-0.01}"
+RT_LR="${RT_LR:-0.001}"  # -T's own fine-tuning rate: 0.01 undoes what the compressed weights keep
 VERSION="${VERSION:-v2qq}"
 QB="${QB:-4}"     # bank weights: 4 bits, where the compressed network visibly loses accuracy
 QBA="${QBA:-4}"   # alphas

@@ -102,3 +102,27 @@ def test_resnet_without_layers_trains(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     out = run_main(["digits", "-a", "resnet", "--width-mult", "0.25", "--epochs", "1"] + QUIET)
     assert out["ckpt_dir"].name == "digits" and out["ckpt_dir"].parent.name == "resnet20_w0.25"
+
+
+def test_the_record_of_a_run_names_the_model_the_file_holds(files, tmp_path, monkeypatch, one_thread):
+    import json
+
+    from conftest import ROOT
+
+    import main
+    import tracking
+    monkeypatch.chdir(tmp_path)
+    args = main.get_args_parser().parse_args(["digits", "-E", "--ckpt", str(files["plain"]), "-j", "0"])
+    tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
+                         command=tracking.train_command, check=main.check_args)
+    config = json.loads((tmp_path / "runs/1/config.json").read_text())
+    assert (config["arch"], config["layers"], config["width_mult"]) == ("resnet", 20, 0.25)
+    assert "resnet" in config["tags"] and "mobilenet" not in config["tags"]
+    # refused before the run: a file that is not there, or flags that disagree with it, record nothing
+    for argv in (["-E", "--ckpt", str(tmp_path / "nothere.pth")],
+                 ["-a", "vgg", "-T", "--ckpt", str(files["plain"])]):
+        args = main.get_args_parser().parse_args(["digits", *argv, "-j", "0"])
+        with pytest.raises(UserError):
+            tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
+                                 command=tracking.train_command, check=main.check_args)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1", "_sources"]

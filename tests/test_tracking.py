@@ -428,7 +428,7 @@ def test_a_flag_refused_up_front_records_no_run(in_tmp):
                                              "--sched", "linear"])
     with pytest.raises(tracking.UserError, match="unknown --sched 'linear'"):
         tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
-                             command=tracking.train_command, check=main.validate_args)
+                             command=tracking.train_command, check=main.check_args)
     assert not (in_tmp / "runs").exists()
 
 
