@@ -24,7 +24,8 @@ from utils import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["c++", "inductor"])
+# inductor is the CPU fallback kernel, not the default: its compile takes ~20 s, so it runs in the slow tier
+@pytest.fixture(scope="module", params=["c++", pytest.param("inductor", marks=pytest.mark.slow)])
 def cpu(request):
     """The CPU, with the fused kernel of the parameter built; skips where it cannot be (the
     fallback tests below still run)."""

@@ -191,6 +191,7 @@ def test_ctrl_c_and_sigterm_are_one_line_and_leave_no_temporary_file(tmp_path, s
 
 
 # ------------------------------------------------------------ 5. a kill between the two saves
+@pytest.mark.slow  # over 6 s: the slow tier (CI runs it)
 def test_kill_between_the_epoch_save_and_the_best_save(in_tmp, monkeypatch):
     import main
     real, calls = main.save_checkpoint, []
@@ -229,6 +230,7 @@ def test_resume_repairs_a_stale_best_and_missing_rows(in_tmp):
 
 
 # ------------------------------------------------------------ 7. -R takes the run's own flags
+@pytest.mark.slow  # over 6 s: the slow tier (CI runs it)
 def test_resume_takes_the_runs_flags_and_refuses_changes(in_tmp, tmp_path_factory, capsys):
     flags = ["--seed", "1", "--sched", "cosine", "--lr", "0.05"]
     run_main(TINY + flags + ["--epochs", "2"])

@@ -150,6 +150,7 @@ def test_v2f_keeps_k(work):
             assert after[kind]["layers"][t]["alpha_scale"] is not None
 
 
+@pytest.mark.slow  # over 6 s: the slow tier (CI runs it)
 def test_new_method_searches_at_every_boundary(work):
     res = run_main(TINY + ["-T", "--ckpt", V2QQ, "-N", "-s", "1", "--epochs", "2", "--lr", "0.01"])
     assert res["searches"] == [1, 2]
