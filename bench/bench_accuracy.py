@@ -3,6 +3,7 @@
     python bench/bench_accuracy.py                                  # post-training, ResNet-20 and -56
     python bench/bench_accuracy.py --ft-epochs 8                    # plus a short fine-tune of some configs
     python bench/bench_accuracy.py --eval-data test.npz --json rows.json --png bench/accuracy.png
+    python bench/bench_accuracy.py --replot bench/accuracy_post.json --png bench/accuracy.png  # redraw only
 
 Networks: the pretrained CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10 (``--data`` holds them
 under ``akamaster/``). Images: ``cifar10-train-subset.npz`` (5,085 real CIFAR-10 training images). The
@@ -46,6 +47,7 @@ import mess  # noqa: E402
 import pretrained  # noqa: E402
 from mess.account import storage_account  # noqa: E402
 from mess.bn import calibrate_bn  # noqa: E402
+from mess.checkpoint import atomic_write  # noqa: E402
 from mess.entry import check_representable  # noqa: E402
 from mess.packed_read import read_mess  # noqa: E402
 from mess.packed_write import write_mess  # noqa: E402
@@ -298,45 +300,135 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(out)
 
 
-def plot(rows: list[dict], path: Path, column: str = "top1_post_bn") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# Numbers sit this far (points) from their marker, in this order of preference: beside, then farther.
+OFFSETS = [(dx * r, dy * r) for r in (4, 8, 13)
+           for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+GROUPS = (("MESS", "tab:red", "o"), ("peer", "tab:blue", "s"))
+KEY_LINE = 9.0  # points between the key's lines
 
-    models_ = sorted({r["model"] for r in rows}, key=lambda m: int(m[6:]))
-    fig, axes = plt.subplots(1, len(models_), figsize=(6.5 * len(models_), 5.2), squeeze=False)
-    for ax, name in zip(axes[0], models_):
+
+def plot(rows: list[dict], path: Path, column: str = "top1_post_bn"):
+    """One panel per model: ``column`` against ratio, the Pareto front of MESS and of the peers, each point
+    numbered, and below each panel a key of the numbers. Writes ``path``; returns the Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models_ = list(dict.fromkeys(r["model"] for r in rows))
+    number = {m: i + 1 for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}  # same in every panel
+    n_key = max(sum(r["model"] == m for r in rows) for m in models_)
+    key_h = (n_key + 1) * KEY_LINE / 72
+    fig = Figure(figsize=(6.5 * len(models_), 5.2 + key_h), dpi=120)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, len(models_), height_ratios=(5.2, key_h))
+    panels = []
+    for i, name in enumerate(models_):
         rs = [r for r in rows if r["model"] == name]
-        for group, colour, marker in (("MESS", "tab:red", "o"), ("peer", "tab:blue", "s")):
-            sel = [r for r in rs if ("MESS" in r["method"]) == (group == "MESS")]
-            ax.scatter([r["ratio"] for r in sel], [r[column] for r in sel], c=colour, marker=marker, s=40,
-                       label="MESS (post-training)" if group == "MESS" else "peers (post-training)", zorder=3)
-            ft = [r for r in sel if r.get("top1_ft") is not None]
-            if ft:
-                ax.scatter([r["ratio"] for r in ft], [r["top1_ft"] for r in ft], facecolors="none",
-                           edgecolors=colour, marker=marker, s=70, label=f"{group} after fine-tuning")
-            front = pareto([(r["ratio"], r[column]) for r in sel])
-            ax.plot(*zip(*front), c=colour, lw=1, alpha=0.6)
-        for r in rs:
-            ax.annotate(short(r["method"]), (r["ratio"], r[column]), fontsize=6.5, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.axhline(rs[0]["top1_float"], c="grey", ls="--", lw=1, label=f"float {rs[0]['top1_float']:.2f}%")
-        ax.set_title(f"{name}: top-1 vs whole-model compression (BN corrected)")
-        ax.set_xlabel("whole-model compression ratio vs float32 (x)")
-        ax.set_ylabel("top-1 (%) on the held-out images")
-        lo = min(r[column] for r in rs)
-        ax.set_ylim(max(0, lo - 5), 100.5)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax = fig.add_subplot(grid[0, i])
+        panels.append((ax, panel(ax, rs, column, number)))
+        key(fig.add_subplot(grid[1, i]), rs, column, number)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.canvas.draw()  # the final layout: labels are placed on the pixels the PNG will have
+    for ax, (points, texts, colours) in panels:
+        place_labels(ax, points, texts, colours)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format="png"))
+    return fig
 
 
-def short(name: str) -> str:
-    return (name.replace("MESS ", "").replace(" (Deep Compression / TF-MOT)", "")
-            .replace(" (coremltools)", "").replace("per output channel", "per ch.")
-            .replace(" per layer (PQ)", "").split(" (quantize")[0])
+def panel(ax, rs: list[dict], column: str, number: dict):
+    """Draw one model's points, fronts and float line; return the points to number (post-training and
+    fine-tuned), their numbers and colours."""
+    points, texts, colours = [], [], []
+    for group, colour, marker in GROUPS:
+        sel = [r for r in rs if ("MESS" in r["method"]) == (group == "MESS")]
+        ax.scatter([r["ratio"] for r in sel], [r[column] for r in sel], c=colour, marker=marker, s=40,
+                   label=f"{group} (post-training)", zorder=3)
+        ft = [r for r in sel if r.get("top1_ft") is not None]
+        if ft:
+            ax.scatter([r["ratio"] for r in ft], [r["top1_ft"] for r in ft], facecolors="none",
+                       edgecolors=colour, marker=marker, s=70, label=f"{group} after fine-tuning", zorder=3)
+        front = pareto([(r["ratio"], r[column]) for r in sel])
+        if front:
+            ax.plot(*zip(*front), c=colour, lw=1, alpha=0.6)
+        for r, y in [(r, r[column]) for r in sel] + [(r, r["top1_ft"]) for r in ft]:
+            points.append((r["ratio"], y))
+            texts.append(str(number[r["method"]]))
+            colours.append(colour)
+    ax.axhline(rs[0]["top1_float"], c="grey", ls="--", lw=1, label=f"float {rs[0]['top1_float']:.2f}%")
+    ax.set_title(f"{rs[0]['model']}: top-1 vs whole-model compression (BN corrected)")
+    ax.set_xlabel("whole-model compression ratio vs float32 (x)")
+    ax.set_ylabel("top-1 (%) on the held-out images")
+    lo = min(y for _, y in points)
+    ax.set_ylim(max(0, lo - 5), 101.5)  # room above 100 % for a number
+    ax.margins(x=0.08)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return points, texts, colours
+
+
+def key(ax, rs: list[dict], column: str, number: dict) -> None:
+    """The panel's key, one line per configuration: number, method, (top-1 %, ratio x)."""
+    from matplotlib.transforms import offset_copy
+    ax.axis("off")
+    for i, r in enumerate(sorted(rs, key=lambda r: number[r["method"]])):
+        ft = "" if r.get("top1_ft") is None else f", fine-tuned {r['top1_ft']:.2f} %"
+        line = f"{number[r['method']]:>2}  {r['method']}  ({r[column]:.2f} %, {r['ratio']:.2f}x{ft})"
+        colour = "tab:red" if "MESS" in r["method"] else "tab:blue"
+        ax.text(0, 1, line, transform=offset_copy(ax.transAxes, ax.figure, y=-i * KEY_LINE, units="points"),
+                va="top", fontsize=7, family="monospace", color=colour)
+
+
+def place_labels(ax, points, texts, colours) -> None:
+    """Annotate each point with its text at the first of OFFSETS whose box, on the drawn figure, stays in
+    the axes and meets no other number, marker or the legend; among those, one that crosses no line if
+    any does, else the one meeting the fewest (greedy, in the order given)."""
+    from matplotlib.path import Path as MPath
+    from matplotlib.transforms import Bbox
+    fig = ax.figure
+    r = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(r).padded(-2)
+    h = 5 * fig.dpi / 72  # half a marker, and a margin
+    hard = [Bbox.from_extents(x - h, y - h, x + h, y + h) for x, y in ax.transData.transform(points)]
+    if ax.get_legend() is not None:
+        hard.append(ax.get_legend().get_window_extent(r))
+    lines = [MPath(ln.get_transform().transform(ln.get_xydata())) for ln in ax.get_lines()]
+    for xy, text, colour in zip(points, texts, colours):
+        a = ax.annotate(text, xy, xytext=(0, 0), textcoords="offset points", fontsize=7, color=colour)
+        best = None
+        for dx, dy in OFFSETS:
+            a.xyann = (dx, dy)
+            a.set_ha("left" if dx > 0 else "right" if dx < 0 else "center")
+            a.set_va("bottom" if dy > 0 else "top" if dy < 0 else "center")
+            b = a.get_window_extent(r).padded(1)
+            cost = 1000 * (sum(b.overlaps(o) for o in hard) + (not inside.contains(b.x0, b.y0)
+                                                               or not inside.contains(b.x1, b.y1)))
+            cost += sum(ln.intersects_bbox(b, filled=False) for ln in lines)
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, a.get_ha(), a.get_va())
+            if cost == 0:
+                break
+        _, dx, dy, ha, va = best
+        a.xyann = (dx, dy)
+        a.set_ha(ha)
+        a.set_va(va)
+        hard.append(a.get_window_extent(r).padded(1))
+
+
+def fail(prog: str, why: str):
+    print(f"{prog}: error: {why}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_rows(path: str, prog: str) -> list[dict]:
+    """The rows a --json run wrote, checked for what plot() reads."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(prog, f"cannot read rows from {path}: {e}")
+    need = ("model", "method", "ratio", "top1_float", "top1_post_bn")
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and all(k in r for k in need) for r in rows):
+        fail(prog, f"{path} is not a list of rows with {', '.join(need)} (what --json writes)")
+    return rows
 
 
 def main(argv=None):
@@ -354,8 +446,14 @@ def main(argv=None):
                    help="run only methods whose name contains one of these")
     p.add_argument("--json", default=None, help="write one row per model and configuration here")
     p.add_argument("--png", default=None, help="the Pareto plot (default: none)")
+    p.add_argument("--replot", metavar="ROWS.json", default=None,
+                   help="redraw --png from the rows of an earlier --json, measuring nothing (default: none)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
+    if a.replot:
+        rows = read_rows(a.replot, p.prog) if a.png else fail(p.prog, "--replot needs --png FILE to draw")
+        plot(rows, Path(a.png))
+        return rows
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     im = load_images(a.data, a.eval, a.eval_data, a.bn_images)
@@ -366,7 +464,7 @@ def main(argv=None):
         rows += run_model(depth, methods, im, a)
     print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.0f} s; {torch.get_num_threads()} threads")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        atomic_write(a.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
     if a.png:
         plot(rows, Path(a.png))
     return rows
