@@ -38,12 +38,10 @@ from utils import (
     append_csv,
     build_model_from_args,
     check_arch,
-    ckpt_dir_of,
-    fill_depth,
+    find_ckpt,
     init_distributed,
     load_state_dict_checked,
     read_checkpoint,
-    resolve_ckpt,
     rng_state,
     run_cli,
     save_checkpoint,
@@ -95,7 +93,7 @@ def check_args(args) -> None:
     run before the run is recorded: a command line they refuse records nothing."""
     validate_args(args)
     if args.resume or args.evaluate or args.retrain:
-        adopt_declared_arch(args, lookup_folder(args))
+        adopt_declared_arch(args, Path(args.ckpt_dir) if args.ckpt_dir else None)
 
 
 def lr_at(args, epoch: int) -> float:
@@ -350,18 +348,13 @@ def resumed_lr(ckpt: dict) -> float:
     return SCRATCH_LR
 
 
-def lookup_folder(args) -> Path:
-    """Where a bare --ckpt name is looked up: --ckpt-dir, else the folder the model flags name."""
-    return Path(args.ckpt_dir) if args.ckpt_dir else ckpt_dir_of(vars(fill_depth(args)))
-
-
 def read_input_checkpoint(args):
     """(checkpoint, path) that -R, -E or -T start from, read (not yet loaded into a model) and the model
     flags made the network it declares (utils.adopt_arch); (None, None) when the run starts from the
     seed. A bare --ckpt name is looked up in the folder the flags name."""
     if not (args.ckpt and (args.resume or args.evaluate or args.retrain)):
         return None, None
-    path = resolve_ckpt(args.ckpt, lookup_folder(args))
+    path = find_ckpt(args, Path(args.ckpt_dir) if args.ckpt_dir else None)
     return read_checkpoint(args, path), path  # a .mess file too
 
 

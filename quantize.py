@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from config import BN_FLAGS, FLAGS, MODEL_FLAGS, OneLineParser, add_flags
+from config import BN_FLAGS, FLAGS, MODEL_FLAGS, TRACK_FLAGS, OneLineParser, add_flags
 from find_similar_kernel import calibrate
 from mess.account import print_account, storage_account
 from mess.checkpoint import check_output_folder, checkpoint_writer, state_bytes, with_weights, write_together
@@ -24,14 +24,14 @@ from mess.packed_write import size_line, write_mess
 from mess.palette import check_palette, palettize
 from mess.quant import conv_layers, quantize_layers
 from mess.settings import check_bits
-from utils import UserError, build_declared, load_model_checkpoint, run_cli
+from utils import UserError, adopt_declared_arch, build_declared, load_model_checkpoint, run_cli
 
 
 def get_args_parser():
     parser = OneLineParser(prog="quantize.py",
                            description="Quantize every conv weight: linear, k-means palettes or kernel "
                                        "codebooks (the baselines MESS is compared against).")
-    add_flags(parser, MODEL_FLAGS + ("qb", "method", "granularity") + BN_FLAGS)
+    add_flags(parser, MODEL_FLAGS + ("qb", "method", "granularity") + BN_FLAGS + TRACK_FLAGS)
     # not listed, still parsed: -Q (a no-op, the original's parser took it) and -v, refused in main with
     # a pointer to find_similar_kernel.py rather than argparse's bare "unrecognized arguments"
     for name in ("quant", "version"):
@@ -87,4 +87,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    from tracking import Experiment, tracked_run
+    # a sacred run like find_similar_kernel.py's, so that the peers sit beside MESS in Omniboard
+    run_cli(lambda args: tracked_run(Experiment("quantize.py"), main, args, command="quantize",
+                                     check=adopt_declared_arch), get_args_parser())

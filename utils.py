@@ -191,6 +191,28 @@ def resolve_ckpt(ckpt: str, ckpt_dir: Path) -> Path:
                     f"checkpoint not found: {p.absolute()}")
 
 
+def find_ckpt(args, folder: Path | None = None) -> Path:
+    """``--ckpt`` as ``resolve_ckpt`` finds it, a bare name in ``folder`` (--ckpt-dir) or else the model
+    flags' folder; there, a bare name the command line gave no architecture for is also looked for in
+    every model's folder of the data set (``checkpoint/*/<dataset>/NAME``), so that the checkpoint can
+    name its model: one match is taken, several are a ``UserError`` listing them."""
+    search = folder is None
+    try:
+        return resolve_ckpt(args.ckpt, folder or ckpt_dir_of(vars(fill_depth(args))))
+    except UserError:
+        from config import given_flags
+        given = given_flags(args)
+        if not search or len(Path(args.ckpt).parts) > 1 or given is None or "arch" in given:
+            raise
+        found = sorted(CKPT_ROOT.glob(f"*/{args.dataset}/{Path(args.ckpt).name}"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise UserError(f"{args.ckpt} is in {len(found)} model folders ({', '.join(map(str, found))}); "
+                            f"give its path, or -a ARCH (--layers N) for its folder") from None
+        raise
+
+
 def declared_arch(path) -> dict | None:
     """The ``arch`` entry a checkpoint or .mess file declares, without reading its weights (a .mess
     header; a .pth memory-mapped), or None where it declares none or cannot be read so (the full read
@@ -210,7 +232,7 @@ def adopt_declared_arch(args, folder: Path | None = None) -> Path | None:
     say of its model is then the file's. The path, or None without ``--ckpt``."""
     if not args.ckpt:
         return None
-    path = resolve_ckpt(args.ckpt, folder or ckpt_dir_of(vars(fill_depth(args))))
+    path = find_ckpt(args, folder)
     adopt_arch(args, {"arch": declared_arch(path)}, path)
     return path
 
@@ -255,7 +277,7 @@ def load_model(args):
     if not args.ckpt:
         model, spec, _ = build_model_from_args(args)
         return model, {"model": model.state_dict(), "arch": spec}, None
-    path = resolve_ckpt(args.ckpt, ckpt_dir_of(vars(fill_depth(args))))
+    path = find_ckpt(args)
     ckpt = read_checkpoint(args, path)
     model, spec, _ = build_model_from_args(args)
     check_arch(ckpt, spec, path)

@@ -126,3 +126,20 @@ def test_the_record_of_a_run_names_the_model_the_file_holds(files, tmp_path, mon
             tracking.tracked_run(tracking.Experiment("main.py", base_dir=str(ROOT)), main.main, args,
                                  command=tracking.train_command, check=main.check_args)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1", "_sources"]
+
+
+def test_a_bare_name_is_found_in_the_one_model_folder_that_holds_it(digits_run, tmp_path, monkeypatch,
+                                                                    one_thread):
+    monkeypatch.chdir(digits_run)  # checkpoint/resnet20_w0.25/digits/ckpt_best.pth, and no other model's
+    out = run_main(["digits", "-E", "--ckpt", "ckpt_best.pth"] + QUIET)
+    assert out["ckpt_dir"] == Path(FOLDER)
+    # -a given: only its own folder is looked in
+    with pytest.raises(UserError, match="checkpoint/vgg16/digits/ckpt_best.pth"):
+        run_main(["digits", "-a", "vgg", "-E", "--ckpt", "ckpt_best.pth"] + QUIET)
+    # two models' folders hold the name: which one is the user's to say
+    monkeypatch.chdir(tmp_path)
+    for model in ("resnet20", "vgg16"):
+        (tmp_path / f"checkpoint/{model}/digits").mkdir(parents=True)
+        (tmp_path / f"checkpoint/{model}/digits/ckpt_best.pth").write_bytes(b"")
+    with pytest.raises(UserError, match="is in 2 model folders .*give its path, or -a ARCH"):
+        run_main(["digits", "-E", "--ckpt", "ckpt_best.pth"] + QUIET)

@@ -36,8 +36,9 @@ def test_compress_and_evaluate_every_version(in_tmp, capsys, arch):
         acc[version], out = evaluate(res["path"].name)
         # main.py -E names the version and the ratio of what it evaluated
         assert f"MESS {version}" in out and f"compression ratio {res['ratio']:.2f}x" in out, out
+    # quantize.py takes no search flags (-pwd): the checkpoint, by path, names its model
     q8, _ = evaluate(quantize.main(quantize.get_args_parser().parse_args(
-        model + ["--qb", "8", "--ckpt", "ckpt_best.pth"]))["path"].name)
+        ["digits", "--qb", "8", "--ckpt", str(res["path"].with_name("ckpt_best.pth"))]))["path"].name)
     print(f"\n{arch} on digits: float {base:.2f}%, plain 8-bit {q8:.2f}%, "
           + ", ".join(f"{v} {a:.2f}%" for v, a in acc.items()))
     # float alphas and betas on float weights fit the float weights about as closely as their 8-bit

@@ -358,6 +358,23 @@ def test_compression_run_records_ratio_bits_residuals_and_report(in_tmp):
 
 
 @pytest.mark.slow
+def test_quantize_cli_is_a_recorded_run_of_the_files_model(digits_run):
+    # no architecture flags: the record's config names the model the checkpoint holds
+    cwd = digits_run["cwd"]
+    ckpt = cwd / "checkpoint/resnet20_w0.5/digits/ckpt_best.pth"
+    rc, out, err = run_cli("quantize.py", "digits", "--ckpt", ckpt, "--method", "kmeans", "--qb", "2",
+                           "--bn-calib", "off", cwd=cwd)
+    assert rc == 0, err
+    runs = sorted((cwd / "runs").glob("[0-9]*"), key=lambda p: int(p.name))
+    info = read_json(runs[-1] / "run.json")
+    assert info["experiment"]["name"] == "quantize.py" and info["command"] == "quantize"
+    assert f"compression ratio {info['result']:.2f}x" in out
+    config = read_json(runs[-1] / "config.json")
+    assert (config["arch"], config["layers"], config["width_mult"]) == ("resnet", 20, 0.5)
+    assert "torch" in read_json(runs[-1] / "info.json")["versions"]
+
+
+@pytest.mark.slow
 def test_find_similar_kernel_cli_is_a_recorded_run(digits_run):
     cwd = digits_run["cwd"]
     rc, out, err = run_cli("find_similar_kernel.py", *TINY[:7], "-v", "v2nb", "--ckpt", "ckpt_best.pth",
