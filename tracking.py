@@ -1,11 +1,12 @@
-"""Experiment records: every run of main.py and find_similar_kernel.py is a sacred run.
+"""Experiment records: every run of main.py, find_similar_kernel.py and quantize.py is a sacred run.
 
     python main.py digits -a resnet --layers 20 --epochs 8 -j 0                    # -> runs/<id>/
     python main.py digits -a resnet --layers 20 --mongo-url mongodb://127.0.0.1:27017 --mongo-db mess
     python main.py digits -a resnet --layers 20 --no-track                         # records nothing
 
-A run is named by its tool (the experiment: ``main.py``, ``find_similar_kernel.py``) and its
-mode (the command: ``train``, ``resume``, ``retrain``, ``evaluate``, ``compress``), the two
+A run is named by its tool (the experiment: ``main.py``, ``find_similar_kernel.py``,
+``quantize.py``) and its mode (the command: ``train``, ``resume``, ``retrain``, ``evaluate``,
+``compress``, ``quantize``), the two
 columns Omniboard shows first. Its record holds its flags (config, each one a column in
 Omniboard, with ``tags``: tool, mode, data set, architecture), the per-epoch metrics (train/val
 loss, top-1, top-5, learning rate, seconds) or the compression figures (ratio, bits, mean
