@@ -9,14 +9,9 @@ layer alone and an in-process compression run are the fast tier's.
 import argparse
 import csv
 import json
-import os
-import queue
-import re
 import shutil
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -128,37 +123,29 @@ def test_mongodb_holds_the_run_its_metrics_and_files(digits_run):
         assert columns["best top-1"] == "info.best_top1" and columns["ratio"] == "info.ratio"
 
 
+def _screenshot_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("omniboard_screenshot", OMNIBOARD_DIR / "screenshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not OMNIBOARD.is_file() or not shutil.which("node"),
                     reason="Omniboard is not installed: cd scripts/omniboard && npm ci")
 def test_omniboard_lists_the_run_and_its_metrics(digits_run):
-    server = digits_run["server"]
-    env = dict(os.environ, PORT="0")  # localhost.js: 127.0.0.1 only, on a free port
-    proc = subprocess.Popen(["node", "-r", str(OMNIBOARD_DIR / "localhost.js"), str(OMNIBOARD),
-                             "-m", f"127.0.0.1:{server.port}:mess"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
-    try:
-        port, seen, deadline = None, [], time.monotonic() + 60
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
-                continue
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", seen[-1])
-            port = int(m.group(1)) if m else None
-        assert port, "".join(seen)
+    # Omniboard started as scripts/omniboard/screenshot.py starts it (127.0.0.1 only, on a free port)
+    with _screenshot_module().omniboard(f"127.0.0.1:{digits_run['server'].port}:mess") as base:
 
         def get(path):
             for _ in range(20):  # bounded: Omniboard connects to the database just after listening
                 try:
-                    url = f"http://127.0.0.1:{port}/sacred/api/v1/{path}"
-                    with urllib.request.urlopen(url, timeout=5) as r:
+                    with urllib.request.urlopen(f"{base}sacred/api/v1/{path}", timeout=5) as r:
                         return json.loads(r.read())
                 except OSError:
                     time.sleep(0.5)
-            raise AssertionError(f"Omniboard did not answer {path}: {''.join(seen)}")
+            raise AssertionError(f"Omniboard did not answer {path}")
 
         runs = get("Runs")
         assert len(runs) == 1 and runs[0]["status"] == "COMPLETED"
@@ -168,20 +155,6 @@ def test_omniboard_lists_the_run_and_its_metrics(digits_run):
         metrics = get(f"Metrics?query={urllib.parse.quote(json.dumps({'run_id': runs[0]['_id']}))}")
         assert set(EPOCH_METRICS) <= {m["name"] for m in metrics}
         assert all(m["steps"] == [1, 2] for m in metrics if m["name"] in EPOCH_METRICS)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _screenshot_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("omniboard_screenshot", OMNIBOARD_DIR / "screenshot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
