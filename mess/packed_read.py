@@ -16,6 +16,7 @@ import json
 import math
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,27 +343,29 @@ def read_mess(path, *, model=None, build=None) -> dict:
     file's ``arch`` declares, on the meta device, to check the tensors against (and the caller's model
     against it). With neither, a file is bound only by ``MAX_EXPANSION``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        def read(off, n):
-            f.seek(off)
-            return f.read(n)
-        return _decode(read, path.stat().st_size, path, model, build)
+    with _reader(path) as (read, size):
+        return _decode(read, size, path, model, build)
 
 
 def read_arch(path) -> dict | None:
     """The architecture a ``.mess`` file declares (its ``arch`` entry, validated), or None: read from the
     header alone, so that a command can build the network before the weights are decoded against it."""
     path = Path(path)
+    with _reader(path) as (read, size):
+        header, _ = _safetensors_header(read, size, path)
+    return _check_meta(header["__metadata__"]["mess"], path).get("arch")
+
+
+@contextmanager
+def _reader(path: Path):
+    """``(read(offset, n), size)`` of an open file, or a ``UserError`` where there is none."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         def read(off, n):
             f.seek(off)
             return f.read(n)
-        header, _ = _safetensors_header(read, path.stat().st_size, path)
-    return _check_meta(header["__metadata__"]["mess"], path).get("arch")
+        yield read, path.stat().st_size
 
 
 class _Budget:
