@@ -62,8 +62,6 @@ def _say_required(action) -> None:
         action.help = _DEFAULT.sub("", action.help) + " (required)"
 
 
-
-
 def given_flags(args) -> frozenset | None:
     """The dests the command line gave explicitly; None for a namespace built otherwise (the API)."""
     return getattr(args, GIVEN, None)

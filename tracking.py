@@ -28,7 +28,7 @@ modules it imports) as the run's sources, and hands it to ``tracked_run``::
     if __name__ == "__main__":
         from tracking import Experiment, tracked_run
         run_cli(lambda args: tracked_run(Experiment("main.py"), main, args, command=train_command,
-                                         check=validate_args), get_args_parser())
+                                         check=check_args), get_args_parser())
 """
 from __future__ import annotations
 
